@@ -1,0 +1,3 @@
+from segbatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Bytes to arrays: ``(H, W, C)`` images the model can take, one file at a time.
+
+Every failure here is a :class:`DecodeError` with a message a user can act on; the pipeline turns
+it into an error row, so one bad file never costs more than its own row.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from segbatch.errors import DecodeError, ImageTooLargeError
+
+# segbatch checks the pixel count itself (with a message naming the fix) before decoding;
+# Pillow's global limit would raise its own error first, so it is lifted here.
+Image.MAX_IMAGE_PIXELS = None
+# A truncated file must fail, not decode to a grey bottom half.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the decoder's limit of "
+            f"{max_pixels:,} (input.max_image_pixels, Pillow's default); large scenes should be "
+            "tiled GeoTIFFs, which are read by windows (tiling.enabled), or raise "
+            "input.max_image_pixels if this machine has the memory"
+        )
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit (0..65535) -> 8-bit, rounding: v / 257."""
+    return np.clip(np.rint(values.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+
+
+def photo_to_array(im: Image.Image, channels: int) -> np.ndarray:
+    """A decoded PIL image -> ``(H, W, channels)`` array.
+
+    3 channels: uint8 RGB (grey, palette and RGBA converted as ``Image.convert('RGB')`` does;
+    16-bit grey scaled to 8 bits). 1 channel: uint8 grey, or float32 in [0, 1] for 16-bit grey
+    (keeps its precision). 4 channels: RGBA uint8.
+    """
+    mode = im.mode
+    if channels == 3:
+        if mode in _SIXTEEN_BIT_MODES:
+            grey = _to_uint8(np.asarray(im))
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        if mode == "F":
+            raise DecodeError("32-bit float images need a model with in_channels=1")
+        return np.asarray(im.convert("RGB"))
+    if channels == 1:
+        if mode in _SIXTEEN_BIT_MODES:
+            arr = np.asarray(im).astype(np.float32) / 65535.0
+            return arr[:, :, None]
+        if mode == "F":
+            return np.asarray(im, dtype=np.float32)[:, :, None]
+        return np.asarray(im.convert("L"))[:, :, None]
+    if channels == 4:
+        return np.asarray(im.convert("RGBA"))
+    raise DecodeError(
+        f"the model takes {channels} channels but this is a {mode} image; multi-band inputs "
+        "must be GeoTIFFs (pip install 'segbatch[geo]') with preprocess.bands selecting the bands"
+    )
+
+
+def decode_photo(data: bytes, channels: int = 3, max_pixels: int = 89_478_485) -> np.ndarray:
+    """PNG, JPEG, BMP, WebP or plain TIFF bytes -> ``(H, W, channels)`` (see photo_to_array)."""
+    if not data:
+        raise DecodeError("file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(stdio.BytesIO(data))
+            _check_pixels(im.width, im.height, max_pixels)
+            im.load()
+    except DecodeError:
+        raise
+    except Image.UnidentifiedImageError as exc:
+        raise DecodeError(
+            f"not an image Pillow can read (first bytes {data[:8]!r}); the file may be "
+            "mislabelled or corrupt"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"cannot decode image: {exc}") from exc
+    return photo_to_array(im, channels)

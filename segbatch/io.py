@@ -1,0 +1,237 @@
+"""The one fsspec helper: every path segbatch touches is a URI opened here.
+
+Local paths, ``file://`` and any fsspec protocol whose package is installed (``s3://`` with
+s3fs, ``gs://`` with gcsfs, ``az://`` with adlfs, ``memory://``). Transient storage errors are
+retried with exponential backoff and counted; writes go to a temporary name and are moved into
+place, so a reader never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from segbatch.errors import MissingDependencyError, UnsafePathError
+
+T = TypeVar("T")
+
+# Which extra installs the backend of a protocol.
+PROTOCOL_EXTRAS = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"),
+    "abfs": ("adlfs", "azure"),
+    "abfss": ("adlfs", "azure"),
+}
+
+_TRANSIENT_NAMES = (
+    "SlowDown",
+    "Throttl",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "503",
+    "500 ",
+    "Connection reset",
+    "ConnectionReset",
+    "timed out",
+    "Timeout",
+    "BrokenPipe",
+)
+
+
+class RetryCounter:
+    """Counts retried storage calls in this process (reported in the job's summary)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def take(self) -> int:
+        with self._lock:
+            n, self.count = self.count, 0
+            return n
+
+
+RETRIES = RetryCounter()
+
+
+def protocol_of(uri: str) -> str:
+    """'s3' for s3://b/k, 'file' for a local path."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+    return match.group(1).lower() if match else "file"
+
+
+def is_local(uri: str) -> bool:
+    return protocol_of(uri) in ("file", "local")
+
+
+def redact(uri: str) -> str:
+    """A URI safe to log: user:password@ and query strings (signed URLs) removed."""
+    uri = re.sub(r"(://)[^/@]*@", r"\1", uri)
+    return uri.split("?", 1)[0]
+
+
+def get_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(filesystem, path inside it) for a URI; a missing backend names the extra to install."""
+    try:
+        return url_to_fs(uri, **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        proto = protocol_of(uri)
+        if isinstance(exc, ValueError) and "Protocol not known" not in str(exc):
+            raise
+        package, extra = PROTOCOL_EXTRAS.get(proto, (f"the fsspec backend for {proto}://", ""))
+        hint = f"pip install 'segbatch[{extra}]'" if extra else f"install {package}"
+        raise MissingDependencyError(
+            f"{redact(uri)}: the {proto}:// protocol needs {package}, which is not installed: "
+            + hint
+        ) from exc
+
+
+def full_uri(fs: Any, path: str) -> str:
+    """The URI of ``path`` inside ``fs``, as a user would write it."""
+    if fs.protocol in ("file", "local") or "file" in (fs.protocol or ()):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, timeouts and connection resets: worth another try."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return any(name in text for name in _TRANSIENT_NAMES)
+
+
+def with_retries(
+    fn: Callable[[], T], retries: int = 5, base_delay_s: float = 0.2, max_delay_s: float = 10.0
+) -> T:
+    """Call ``fn``, retrying transient storage errors with jittered exponential backoff."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= retries or not is_transient(exc):
+                raise
+            RETRIES.add()
+            delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random())
+            time.sleep(delay)
+            attempt += 1
+
+
+def read_bytes(
+    uri: str, storage_options: Mapping[str, Any] | None = None, retries: int = 5
+) -> bytes:
+    fs, path = get_fs(uri, storage_options)
+    data = with_retries(lambda: fs.cat_file(path), retries)
+    return bytes(data)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the protocol of ``root``."""
+    out = root.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def safe_relpath(rel: str) -> str:
+    """A relative path that cannot leave its root: '..', absolute parts and drives are dropped.
+
+    ``'../../etc/passwd'`` -> ``'etc/passwd'``; ``'C:\\x\\y.png'`` -> ``'x/y.png'``.
+    """
+    rel = rel.replace("\\", "/")
+    rel = re.sub(r"^[a-zA-Z]:", "", rel)
+    parts = [p for p in rel.split("/") if p not in ("", ".", "..")]
+    # Control characters never make a sensible file name on any store.
+    parts = [re.sub(r"[\x00-\x1f]", "_", p) for p in parts]
+    if not parts:
+        raise UnsafePathError(f"input name {rel!r} leaves no file name inside the output root")
+    return "/".join(parts)
+
+
+def under_root(root: str, rel: str) -> str:
+    """``root/rel`` after checking that the result stays inside ``root``."""
+    safe = safe_relpath(rel)
+    out = join(root, safe)
+    norm = posixpath.normpath(out.split("://", 1)[-1])
+    base = posixpath.normpath(root.split("://", 1)[-1].rstrip("/"))
+    if not (norm == base or norm.startswith(base + "/")):
+        raise UnsafePathError(f"{rel!r} would be written outside the output root {root!r}")
+    return out
+
+
+def write_bytes_atomic(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None, retries: int = 5
+) -> None:
+    """Write ``data`` so that ``uri`` never holds a partial file.
+
+    Local files: a temporary file in the same folder, fsynced, then ``os.replace``. Object stores:
+    one PUT, which is atomic by itself (a reader sees the old object or the new one).
+    """
+    fs, path = get_fs(uri, storage_options)
+    if is_local(uri) or "file" in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
+        local = path
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+
+    def put() -> None:
+        fs.pipe_file(path, data)
+
+    with_retries(put, retries)
+
+
+def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = get_fs(uri, storage_options)
+    return bool(fs.exists(path))
+
+
+def list_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Every file below a directory URI (recursive), as full URIs, sorted."""
+    fs, path = get_fs(uri, storage_options)
+    if not fs.exists(path):
+        return []
+    return sorted(full_uri(fs, p) for p in fs.find(path))
+
+
+def remove_tree(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    fs, path = get_fs(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def open_file(uri: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None) -> Any:
+    """An fsspec open file (a context manager)."""
+    get_fs(uri, storage_options)  # a missing backend gets the clear error
+    return fsspec.open(uri, mode, **dict(storage_options or {}))

@@ -1,0 +1,340 @@
+"""Assembling and running the Ray Data job, and the driver's side of it.
+
+    inputs (driver)  ->  read_batch  ->  decode_batch  ->  SegmentActor pool  ->  rows (driver)
+    sources.py           loader.py       loader.py         actor.py              sinks.py
+
+Everything that can fail because of the job as configured (unknown model, missing input, output
+in the way) fails here, on the driver, before Ray starts. Result rows are small and come back to
+the driver, which writes the Parquet parts and summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segbatch import __version__, io, sinks
+from segbatch.actor import SegmentActor, result_rows
+from segbatch.config import InferenceConfig, JobConfig, to_yaml
+from segbatch.loader import decode_batch, read_batch
+from segbatch.models import ModelInfo, resolve_model
+from segbatch.sources import InputItem, extension_of, list_inputs
+from segbatch.stats import Totals, class_columns
+
+log = logging.getLogger("segbatch")
+
+# Largest user code folder shipped to the workers with the job.
+MAX_CODE_BYTES = 64 * 1024 * 1024
+# Early stop: once this many inputs are done, an error fraction above the limit stops the job.
+EARLY_STOP_MIN_DONE = 100
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided on the driver before Ray starts."""
+
+    job: JobConfig
+    info: ModelInfo
+    items: list[InputItem]
+
+
+def plan_job(job: JobConfig) -> Plan:
+    """Validate the job against the world: model, inputs, output. Raises usage errors (exit 2)."""
+    info = resolve_model(job.model, job.preprocess)
+    if job.model.code_path is not None and not Path(job.model.code_path).exists():
+        from segbatch.errors import ConfigError
+
+        raise ConfigError(f"model.code_path {job.model.code_path!r} does not exist")
+    items = list_inputs(job.input, job.storage.options)
+    return Plan(job=job, info=info, items=items)
+
+
+def resolve_inference(
+    inf: InferenceConfig, cluster_cpus: float, cluster_gpus: float
+) -> InferenceConfig:
+    """Fill the per-device defaults (measured: see docs/performance.md)."""
+    device = inf.device
+    if device == "auto":
+        device = "cuda" if cluster_gpus > 0 else "cpu"
+    if device == "cuda":
+        per_worker = inf.gpus_per_worker
+        workers = inf.workers or max(1, int(cluster_gpus // per_worker) if cluster_gpus else 1)
+        return dataclasses.replace(
+            inf,
+            device="cuda",
+            workers=workers,
+            batch_size=inf.batch_size or 16,
+            cpus_per_worker=inf.cpus_per_worker or 1.0,
+            threads_per_worker=inf.threads_per_worker or 2,
+        )
+    cpus = max(1, int(cluster_cpus))
+    workers = inf.workers or 1
+    n_workers = workers if isinstance(workers, int) else workers[1]
+    return dataclasses.replace(
+        inf,
+        device="cpu",
+        workers=workers,
+        batch_size=inf.batch_size or 1,
+        cpus_per_worker=inf.cpus_per_worker or 1.0,
+        threads_per_worker=inf.threads_per_worker or max(1, cpus // n_workers),
+    )
+
+
+def _pack_code(code_path: str) -> dict[str, bytes]:
+    """The user's model code as {relative path: bytes}, to travel with the actor's arguments."""
+    root = Path(code_path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    packed: dict[str, bytes] = {}
+    total = 0
+    for p in files:
+        rel = p.name if root.is_file() else p.relative_to(root).as_posix()
+        if "__pycache__" in rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        data = p.read_bytes()
+        total += len(data)
+        if total > MAX_CODE_BYTES:
+            from segbatch.errors import ConfigError
+
+            raise ConfigError(
+                f"model.code_path {code_path!r} holds over {MAX_CODE_BYTES >> 20} MiB; point it "
+                "at the folder with the model's code only (weights go in model.weights)"
+            )
+        packed[rel] = data
+    return packed
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "segbatch": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _init_ray(job: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if job.ray.address:
+        kwargs["address"] = job.ray.address
+    ray.init(**kwargs)
+
+
+def _schema_flags(items: list[InputItem]) -> dict[str, bool]:
+    exts = {extension_of(i.uri) for i in items}
+    return {
+        "geo": bool(exts & {".tif", ".tiff"}),
+        "dicom": bool(exts & {".dcm", ".dicom"}),
+        "volumes": bool(exts & {".nii", ".nii.gz"}),
+    }
+
+
+def run_job(job: JobConfig, plan: Plan | None = None) -> int:
+    """Run the whole job; returns the exit code (0 ok, 1 too many errors)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started = time.perf_counter()
+    plan = plan or plan_job(job)
+    info, items = plan.info, plan.items
+    out = job.output.path
+    options = job.storage.options
+    sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
+
+    _init_ray(job)
+    resources = ray.cluster_resources()
+    inference = resolve_inference(job.inference, resources.get("CPU", 1), resources.get("GPU", 0))
+    model_cfg = dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
+    job = dataclasses.replace(job, inference=inference, model=model_cfg)
+    io.write_bytes_atomic(io.join(out, sinks.JOB_FILE), to_yaml(job).encode(), options)
+
+    ctx = DataContext.get_current()
+    show_bars = job.ray.progress_bars if job.ray.progress_bars is not None else sys.stderr.isatty()
+    ctx.enable_progress_bars = show_bars
+
+    workers = inference.workers
+    assert workers is not None and inference.batch_size is not None
+    min_w, max_w = (workers, workers) if isinstance(workers, int) else workers
+    actor_args: dict[str, Any] = {
+        "num_cpus": inference.cpus_per_worker,
+        "num_gpus": inference.gpus_per_worker if inference.device == "cuda" else 0,
+    }
+    ship_info = info
+    code: dict[str, bytes] | None = None
+    if info.code_path is not None:
+        code = _pack_code(info.code_path)
+        ship_info = dataclasses.replace(info, code_path=Path(info.code_path).name)
+
+    n = len(items)
+    rows_in = [
+        {"index": i, "uri": it.uri, "rel_path": it.rel_path, "error": it.error}
+        for i, it in enumerate(items)
+    ]
+    read_rows = 16
+    ds: Any = ray.data.from_items(
+        rows_in, override_num_blocks=max(1, min(n, math.ceil(n / read_rows)))
+    )
+    ds = ds.map_batches(
+        read_batch,
+        fn_kwargs={"storage_options": options, "retries": job.storage.retries},
+        batch_size=read_rows,
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"channels": info.in_channels, "max_pixels": job.input.max_image_pixels},
+        batch_size=read_rows,
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        SegmentActor,
+        fn_constructor_kwargs={
+            "job": job,
+            "info": ship_info,
+            "batch_size": inference.batch_size,
+            "code": code,
+        },
+        compute=ActorPoolStrategy(min_size=min_w, max_size=max_w),
+        batch_size=inference.batch_size,
+        **actor_args,
+    )
+
+    flags = _schema_flags(items)
+    schema = sinks.results_schema(
+        info.classes, geo=flags["geo"], dicom=flags["dicom"], volumes=flags["volumes"]
+    )
+    class_cols = class_columns(info.classes)
+    writer = sinks.ResultsWriter(out, schema, n, job.output.rows_per_file, options)
+    totals = Totals(info.num_classes)
+    first_result_s: float | None = None
+    last_log = time.perf_counter()
+    stopped_early: str | None = None
+    import numpy as np
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first_result_s is None:
+            first_result_s = time.perf_counter() - started
+        for row in result_rows(batch, info.name, class_cols):
+            writer.add(row)
+            if row["status"] == "ok":
+                counts = np.array([row[c] for c in class_cols], dtype=np.int64)
+                totals.add_ok(counts, row.get("px_nodata") or 0)
+            else:
+                totals.add_error(row["error"])
+        now = time.perf_counter()
+        if now - last_log >= PROGRESS_EVERY_S:
+            _log_progress(totals, n, now - started)
+            last_log = now
+        if (
+            totals.done >= min(n, EARLY_STOP_MIN_DONE)
+            and totals.error_fraction > job.max_error_fraction
+            and totals.done < n
+        ):
+            stopped_early = totals.most_common_error()
+            break
+    writer.close()
+    wall_s = time.perf_counter() - started
+    summary = _summary(job, info, totals, n, wall_s, first_result_s, stopped_early)
+    sinks.write_summary(out, summary, options)
+    _print_table(summary)
+    if stopped_early is not None:
+        log.error(
+            "stopped early: %d of %d inputs failed (over max_error_fraction %.2f); most common "
+            "error: %s",
+            totals.error,
+            totals.done,
+            job.max_error_fraction,
+            stopped_early,
+        )
+        return 1
+    if totals.error_fraction > job.max_error_fraction:
+        log.error(
+            "%d of %d inputs failed, over max_error_fraction %.2f; most common error: %s",
+            totals.error,
+            totals.done,
+            job.max_error_fraction,
+            totals.most_common_error(),
+        )
+        return 1
+    return 0
+
+
+def _log_progress(totals: Totals, n: int, elapsed_s: float) -> None:
+    rate = totals.done / elapsed_s if elapsed_s > 0 else 0.0
+    eta = (n - totals.done) / rate if rate > 0 else float("inf")
+    log.warning(
+        "progress: %d/%d images (%.1f%%), %.2f images/s, %d errors, ETA %.0f s",
+        totals.done,
+        n,
+        100.0 * totals.done / max(n, 1),
+        rate,
+        totals.error,
+        eta,
+    )
+
+
+def _summary(
+    job: JobConfig,
+    info: ModelInfo,
+    totals: Totals,
+    n: int,
+    wall_s: float,
+    first_result_s: float | None,
+    stopped_early: str | None,
+) -> dict[str, Any]:
+    fractions = totals.fractions()
+    return {
+        "images": {"total": n, "ok": totals.ok, "error": totals.error, "not_run": n - totals.done},
+        "model": info.name,
+        "weights": info.weights,
+        "classes": list(info.classes),
+        "pixels": {c: int(p) for c, p in zip(info.classes, totals.pixels, strict=True)},
+        "fractions": {c: float(f) for c, f in zip(info.classes, fractions, strict=True)},
+        "nodata_px": totals.nodata_px,
+        "errors_by_kind": totals.errors_by_message,
+        "stopped_early": stopped_early,
+        "wall_time_s": round(wall_s, 3),
+        "time_to_first_result_s": None if first_result_s is None else round(first_result_s, 3),
+        "images_per_s": round(totals.done / wall_s, 3) if wall_s > 0 else None,
+        "inference": {
+            "device": job.inference.device,
+            "workers": job.inference.workers,
+            "batch_size": job.inference.batch_size,
+            "threads_per_worker": job.inference.threads_per_worker,
+        },
+        "versions": versions(),
+        "host": {"cpus": os.cpu_count()},
+    }
+
+
+def _print_table(summary: Mapping[str, Any]) -> None:
+    images = summary["images"]
+    print(
+        f"segbatch: {images['ok']} ok, {images['error']} errors of {images['total']} images in "
+        f"{summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s)"
+    )
+    rows = sorted(summary["fractions"].items(), key=lambda kv: -kv[1])
+    shown = [(c, f) for c, f in rows if f > 0][:12]
+    if shown:
+        width = max(len(c) for c, _ in shown)
+        print(f"  {'class':<{width}}  pixels")
+        for cls, frac in shown:
+            print(f"  {cls:<{width}}  {100 * frac:6.2f}%")

@@ -1,0 +1,157 @@
+"""A model plus its preprocessing: uint8 images in, class-index masks out. No Ray here.
+
+The steps equal the notebook's plain loop and torchvision's preset transforms, done in batches on
+the device: resize (the preset's antialiased bilinear on the integer image), scale to [0, 1],
+normalize, forward, resize logits bilinearly (align_corners=False) to the original size, argmax.
+Images of different sizes are never padded together: padding changes every pixel of models with
+global pooling (DeepLabV3's ASPP, LRASPP), so a batch is split into groups of one size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from segbatch.config import InferenceConfig, TilingConfig
+from segbatch.models import ModelInfo, build_model
+from segbatch.tiling import needs_tiling, sliding_window_logits
+
+
+def pick_device(requested: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error naming the fix."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "inference.device is cuda but this worker sees no CUDA GPU; use --device auto or cpu, "
+            "or give the workers GPUs (inference.gpus_per_worker)"
+        )
+    return torch.device(requested)
+
+
+def model_input_size(
+    height: int, width: int, resize: str | int | tuple[int, int]
+) -> tuple[int, int]:
+    """The (h, w) the model sees for an image of (height, width), as torchvision's Resize."""
+    if resize == "none":
+        return height, width
+    if isinstance(resize, int):
+        short, long = (height, width) if height <= width else (width, height)
+        new_long = int(resize * long / short)
+        return (resize, new_long) if height <= width else (new_long, resize)
+    assert isinstance(resize, tuple)
+    return resize[0], resize[1]
+
+
+def mask_dtype(num_classes: int) -> np.dtype[Any]:
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+class Predictor:
+    """Holds one model on one device. ``segment`` turns images into masks.
+
+    Images: ``(H, W, C)`` numpy arrays; ``uint8`` is scaled by 1/255, other dtypes used as is.
+    Masks: ``(H, W)`` uint8 (uint16 above 256 classes) at each image's own size.
+    """
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        inference: InferenceConfig,
+        tiling: TilingConfig,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.info = info
+        self.inference = inference
+        self.tiling = tiling
+        self.device = pick_device(inference.device)
+        if inference.threads_per_worker:
+            torch.set_num_threads(inference.threads_per_worker)
+        self.model = build_model(info, self.device, dict(storage_options or {}))
+        if inference.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.out_dtype = mask_dtype(info.num_classes)
+
+    # -- the steps, on tensors ---------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        precision = self.inference.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def prepare(self, batch: np.ndarray) -> torch.Tensor:
+        """(N, H, W, C) array of one size and dtype -> (N, C, h, w) normalized float32 on device."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2)
+        resize = self.info.resize
+        if resize != "none":
+            size = [resize] if isinstance(resize, int) else list(resize)
+            # The preset's own call, on the integer image: same rounding as torchvision's transform.
+            x = TF.resize(x, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div(255)
+        else:
+            x = x.to(torch.float32)
+        x = x.sub(self.mean).div(self.std)
+        if self.inference.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) normalized -> (N, K, h, w) float32 logits."""
+        with self._autocast():
+            return self.model(x).float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Whole images or tiles, as the tiling config says: (N, C, h, w) -> (N, K, h, w)."""
+        h, w = x.shape[-2:]
+        if not needs_tiling(h, w, self.tiling):
+            return self.forward(x)
+        return torch.stack([sliding_window_logits(xi, self.forward, self.tiling) for xi in x])
+
+    def to_masks(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """(N, K, h, w) logits -> (N, height, width) masks, one image at a time to bound memory."""
+        out = np.empty((logits.shape[0], height, width), dtype=self.out_dtype)
+        for i in range(logits.shape[0]):
+            li = logits[i : i + 1]
+            if li.shape[-2:] != (height, width):
+                li = F.interpolate(li, size=(height, width), mode="bilinear", align_corners=False)
+            out[i] = li[0].argmax(0).to("cpu", torch.int32).numpy().astype(self.out_dtype)
+        return out
+
+    # -- the public entry ---------------------------------------------------------------------
+    def segment(
+        self, images: Sequence[np.ndarray], batch_size: int | None = None
+    ) -> list[np.ndarray]:
+        """Masks for ``images`` (any mix of sizes), in the same order."""
+        masks: list[np.ndarray | None] = [None] * len(images)
+        step = batch_size or len(images) or 1
+        with torch.inference_mode():
+            for idx in _groups(images, step):
+                batch = np.stack([images[i] for i in idx])
+                h, w = batch.shape[1:3]
+                result = self.to_masks(self.logits(self.prepare(batch)), h, w)
+                for j, i in enumerate(idx):
+                    masks[i] = result[j]
+        return [m for m in masks if m is not None]
+
+
+def _groups(images: Sequence[np.ndarray], step: int) -> Iterator[list[int]]:
+    """Indices of images grouped by (shape, dtype), in chunks of at most ``step``."""
+    by_key: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, img in enumerate(images):
+        by_key[(img.shape, img.dtype.str)].append(i)
+    for idx in by_key.values():
+        for start in range(0, len(idx), step):
+            yield idx[start : start + step]

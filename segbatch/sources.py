@@ -1,0 +1,188 @@
+"""Turning input URIs into an ordered list of inputs, before any Ray work starts.
+
+An input is a directory (searched recursively), a glob, a single file, or a manifest (``.txt``
+with one URI per line, ``.csv``/``.parquet`` with a path column). The order is deterministic: the
+inputs in the order given, each one's files sorted; a URI listed twice is kept once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as stdio
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from segbatch import io
+from segbatch.config import InputConfig
+from segbatch.errors import ConfigError, InputNotFoundError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
+SUPPORTED_EXTENSIONS = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS
+MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+# Files that travel beside rasters and are not inputs themselves: skipped without a row.
+SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".tfw", ".tifw", ".wld", ".prj", ".md5", ".msk")
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input: ``uri`` is what is read; ``rel_path`` names its outputs under the output root."""
+
+    uri: str
+    rel_path: str
+    error: str | None = None  # set when the file is known to be unusable before reading
+
+
+def extension_of(uri: str) -> str:
+    """'.nii.gz' for x.nii.gz, '.png' for a.PNG (lowercased)."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return posixpath.splitext(name)[1]
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _is_sidecar(uri: str) -> bool:
+    return uri.lower().endswith(SIDECAR_SUFFIXES)
+
+
+def _item(uri: str, rel: str) -> InputItem:
+    ext = extension_of(uri)
+    if ext in SUPPORTED_EXTENSIONS:
+        return InputItem(uri, rel)
+    supported = ", ".join(e.lstrip(".") for e in SUPPORTED_EXTENSIONS)
+    shown = ext or "no extension"
+    return InputItem(uri, rel, f"unsupported file type ({shown}); supported: {supported}")
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return path.rsplit("/", 1)[-1]
+
+
+def _read_manifest(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[str]:
+    ext = extension_of(uri)
+    if ext == ".txt":
+        text = io.read_bytes(uri, options).decode("utf-8")
+        return [
+            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        ]
+    if ext == ".csv":
+        text = io.read_bytes(uri, options).decode("utf-8")
+        reader = csv.DictReader(stdio.StringIO(text))
+        if reader.fieldnames is None or cfg.path_column not in reader.fieldnames:
+            raise ConfigError(
+                f"manifest {io.redact(uri)} has no {cfg.path_column!r} column "
+                f"(columns: {reader.fieldnames}); set input.path_column"
+            )
+        return [row[cfg.path_column].strip() for row in reader if row[cfg.path_column].strip()]
+    import pyarrow.parquet as pq
+
+    with io.open_file(uri, "rb", options) as fh:
+        table = pq.read_table(fh)
+    if cfg.path_column not in table.column_names:
+        raise ConfigError(
+            f"manifest {io.redact(uri)} has no {cfg.path_column!r} column "
+            f"(columns: {table.column_names}); set input.path_column"
+        )
+    return [str(p) for p in table.column(cfg.path_column).to_pylist() if p]
+
+
+def _common_dir(paths: Sequence[str]) -> str:
+    dirs = [p.rsplit("/", 1)[0] if "/" in p else "" for p in paths]
+    if not dirs:
+        return ""
+    prefix = posixpath.commonprefix(dirs)
+    # commonprefix works on characters; cut back to a whole folder name.
+    if all(d == prefix or d.startswith(prefix + "/") for d in dirs):
+        return prefix
+    return prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+
+
+def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[InputItem]:
+    fs, path = io.get_fs(uri, options)
+    if any(c in path for c in _GLOB_CHARS):
+        root = path
+        while any(c in root for c in _GLOB_CHARS):
+            root = root.rsplit("/", 1)[0] if "/" in root else ""
+        matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        if not matches:
+            raise InputNotFoundError(f"{io.redact(uri)}: the pattern matched no file")
+        return [
+            _item(io.full_uri(fs, p), _relative(p, root))
+            for p in matches
+            if not _is_sidecar(p) and not _is_hidden(_relative(p, root))
+        ]
+    if not fs.exists(path):
+        raise InputNotFoundError(
+            f"{io.redact(uri)} does not exist; check the path (and storage.options for cloud URIs)"
+        )
+    if fs.isdir(path):
+        files = sorted(fs.find(path))
+        items = []
+        for p in files:
+            rel = _relative(p, path)
+            if _is_hidden(rel) or _is_sidecar(p):
+                continue
+            items.append(_item(io.full_uri(fs, p), rel))
+        return items
+    if extension_of(path) in MANIFEST_EXTENSIONS:
+        entries = _read_manifest(uri, cfg, options)
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        uris = [e if "://" in e or e.startswith("/") else io.join(base, e) for e in entries]
+        stripped = [u.split("://", 1)[-1] for u in uris]
+        root = _common_dir(stripped)
+        return [_item(u, _relative(s, root)) for u, s in zip(uris, stripped, strict=True)]
+    return [_item(io.full_uri(fs, path), path.rsplit("/", 1)[-1])]
+
+
+def _unique_rel(items: list[InputItem]) -> list[InputItem]:
+    """Two inputs with one relative name would share a mask: the later ones get '~N'."""
+    seen: dict[str, int] = {}
+    out = []
+    for item in items:
+        key = item.rel_path.lower()
+        if key in seen:
+            seen[key] += 1
+            stem, ext = posixpath.splitext(item.rel_path)
+            item = InputItem(item.uri, f"{stem}~{seen[key]}{ext}", item.error)
+        else:
+            seen[key] = 0
+        out.append(item)
+    return out
+
+
+def list_inputs(
+    cfg: InputConfig, storage_options: Mapping[str, Any] | None = None
+) -> list[InputItem]:
+    """Every input of the job, in a deterministic order.
+
+    Raises InputNotFoundError (exit code 2) when a URI does not exist or nothing is found.
+    """
+    if not cfg.paths:
+        raise InputNotFoundError(
+            "no input given: set input.paths in the job file or pass --input URI"
+        )
+    options = storage_options or {}
+    items: list[InputItem] = []
+    seen: set[str] = set()
+    for uri in cfg.paths:
+        for item in _expand(uri, cfg, options):
+            if item.uri not in seen:
+                seen.add(item.uri)
+                items.append(item)
+    if not any(item.error is None for item in items):
+        shown = ", ".join(io.redact(u) for u in cfg.paths)
+        raise InputNotFoundError(
+            f"no image files found in {shown}; supported extensions: "
+            + ", ".join(e.lstrip(".") for e in SUPPORTED_EXTENSIONS)
+        )
+    return _unique_rel(items)
