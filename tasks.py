@@ -4,7 +4,8 @@
     python3 tasks.py demo   # set up .venv if needed, then run jobs/demo.yaml on local Ray
     python3 tasks.py test   # set up .venv if needed, then ruff, mypy and the tests
 
-Extra arguments are passed on: `python3 tasks.py demo --weights none`, `python3 tasks.py test -k tiling`.
+Extra arguments are passed on: `python3 tasks.py demo --weights none`,
+`python3 tasks.py test -k tiling`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def sh(*cmd: str | Path) -> None:
 
 def ensure_env() -> None:
     """Create .venv and install the project with its extras, again whenever pyproject changes."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this file runs before any install
         sys.exit("segbatch needs Python 3.10 or newer")
     if not (BIN / "python").exists():
         print(f"creating {VENV}", flush=True)

@@ -15,10 +15,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from segbatch import sinks
 from segbatch.config import JobConfig
-from segbatch.loader import KIND_IMAGE, Batch, error_message
+from segbatch.loader import KIND_IMAGE, Batch, error_message, errors_in, errors_out
 from segbatch.models import ModelInfo
 from segbatch.overlays import render_panels, save_panels
 from segbatch.predictor import Predictor
@@ -57,15 +58,17 @@ class SegmentActor:
         self.predictor = Predictor(info, job.inference, job.tiling, self.options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, job.output.mask_write_threads))
 
-    def _segment(self, images: list[np.ndarray]) -> list[np.ndarray | BaseException]:
+    def _segment(
+        self, images: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> list[np.ndarray | BaseException]:
         """Masks for images; if the batch fails (one bad size, out of memory), each image alone."""
         try:
-            return list(self.predictor.segment(images, self.batch_size))
+            return list(self.predictor.segment(images, sizes, self.batch_size))
         except Exception:
             results: list[np.ndarray | BaseException] = []
-            for image in images:
+            for image, size in zip(images, sizes, strict=True):
                 try:
-                    results.append(self.predictor.segment([image], 1)[0])
+                    results.append(self.predictor.segment([image], [size], 1)[0])
                 except Exception as exc:
                     results.append(exc)
             return results
@@ -74,14 +77,19 @@ class SegmentActor:
         out = self.job.output.path
         uri = sinks.write_mask(out, rel_path, mask, self.info.num_classes, self.options)
         if index < self.job.output.overlays:
-            panels = render_panels(image, mask, self.info.classes)
+            view = mask
+            if image.shape[:2] != mask.shape:
+                # The image arrived resized for the model; show the mask at that size.
+                size = (image.shape[1], image.shape[0])
+                view = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+            panels = render_panels(image, view, self.info.classes)
             sinks.write_overlay(out, rel_path, save_panels(panels), self.options)
         return uri
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["index"])
         k = self.info.num_classes
-        errors: list[str | None] = list(batch["error"])
+        errors = errors_in(batch["error"])
         counts = np.zeros((n, k), dtype=np.int64)
         nodata = np.zeros(n, dtype=np.int64)
         mask_paths: list[str | None] = [None] * n
@@ -89,8 +97,9 @@ class SegmentActor:
 
         todo = [i for i in range(n) if batch["kind"][i] == KIND_IMAGE and errors[i] is None]
         images = [batch["image"][i] for i in todo]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
         futures: dict[int, Future[str]] = {}
-        for i, result in zip(todo, self._segment(images), strict=True):
+        for i, result in zip(todo, self._segment(images, sizes), strict=True):
             if isinstance(result, BaseException):
                 errors[i] = f"inference failed: {error_message(result)}"
                 continue
@@ -112,8 +121,8 @@ class SegmentActor:
             "uri": np.asarray(batch["uri"], dtype=object),
             "width": np.asarray(batch["width"], dtype=np.int64),
             "height": np.asarray(batch["height"], dtype=np.int64),
-            "error": np.array(errors, dtype=object),
-            "mask_path": np.array(mask_paths, dtype=object),
+            "error": errors_out(errors),
+            "mask_path": np.array([m or "" for m in mask_paths], dtype=object),
             "counts": counts,
             "px_nodata": nodata,
             "extra": np.array(extras, dtype=object),
@@ -123,8 +132,9 @@ class SegmentActor:
 def result_rows(batch: Batch, model: str, class_cols: list[str]) -> list[dict[str, Any]]:
     """The actor's output batch -> Parquet rows (dicts keyed by schema column names)."""
     rows = []
+    errors = errors_in(batch["error"])
     for i in range(len(batch["index"])):
-        error = batch["error"][i]
+        error = errors[i]
         ok = error is None
         row: dict[str, Any] = {
             "index": int(batch["index"][i]),

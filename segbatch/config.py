@@ -286,9 +286,16 @@ def _check(cfg: JobConfig) -> None:
 def parse_value(text: str) -> Any:
     """A --set value, read as YAML: 4 -> int, [1, 2] -> list, none -> 'none', null -> None."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads '1e9' (no dot) as a string; a user writing it means a number.
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -68,6 +68,24 @@ def photo_to_array(im: Image.Image, channels: int) -> np.ndarray:
     )
 
 
+def resize_for_model(image: np.ndarray, resize: str | int | tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 ``(H, W, C)`` image as torchvision's preset does on a PIL image.
+
+    ``resize``: 'none', the shorter side (int) or (h, w). Pillow's antialiased bilinear, called
+    through torchvision's own ``resize`` so sizes and rounding equal the preset's. Other dtypes
+    are returned unchanged: the predictor resizes those on the device.
+    """
+    if resize == "none" or image.dtype != np.uint8 or image.shape[2] not in (1, 3, 4):
+        return image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    size = [resize] if isinstance(resize, int) else list(resize)
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    out = np.asarray(TF.resize(pil, size, interpolation=InterpolationMode.BILINEAR))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
 def decode_photo(data: bytes, channels: int = 3, max_pixels: int = 89_478_485) -> np.ndarray:
     """PNG, JPEG, BMP, WebP or plain TIFF bytes -> ``(H, W, channels)`` (see photo_to_array)."""
     if not data:

@@ -84,7 +84,7 @@ def is_local(uri: str) -> bool:
 
 def redact(uri: str) -> str:
     """A URI safe to log: user:password@ and query strings (signed URLs) removed."""
-    uri = re.sub(r"(://)[^/@]*@", r"\1", uri)
+    uri = re.sub(r"(://)[^/]*@", r"\1", uri)
     return uri.split("?", 1)[0]
 
 
@@ -175,7 +175,13 @@ def under_root(root: str, rel: str) -> str:
     out = join(root, safe)
     norm = posixpath.normpath(out.split("://", 1)[-1])
     base = posixpath.normpath(root.split("://", 1)[-1].rstrip("/"))
-    if not (norm == base or norm.startswith(base + "/")):
+    if base == ".":
+        inside = norm != ".." and not norm.startswith(("../", "/"))
+    elif base == "/":
+        inside = norm.startswith("/")
+    else:
+        inside = norm == base or norm.startswith(base + "/")
+    if not inside:
         raise UnsafePathError(f"{rel!r} would be written outside the output root {root!r}")
     return out
 

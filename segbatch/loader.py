@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from segbatch import io
-from segbatch.decode import decode_photo
+from segbatch.decode import decode_photo, resize_for_model
 from segbatch.errors import DecodeError, SegbatchError
 from segbatch.sources import extension_of
 
@@ -25,6 +25,16 @@ KIND_IMAGE = "image"
 KIND_ERROR = "error"
 
 Batch = dict[str, Any]
+
+
+def errors_in(column: Any) -> list[str | None]:
+    """An ``error`` column as messages or None. Columns carry '' for "no error": Ray turns an
+    all-None object column into nulls that come back as NaN."""
+    return [e if isinstance(e, str) and e else None for e in column]
+
+
+def errors_out(errors: list[str | None]) -> np.ndarray:
+    return np.array([e or "" for e in errors], dtype=object)
 
 
 def error_message(exc: BaseException) -> str:
@@ -50,7 +60,7 @@ def read_batch(
     Reads run in a few threads: object stores are latency-bound, not CPU-bound.
     """
     uris = list(batch["uri"])
-    errors: list[str | None] = list(batch["error"])
+    errors = errors_in(batch["error"])
 
     def read_one(i: int) -> bytes:
         if errors[i] is not None:
@@ -65,13 +75,20 @@ def read_batch(
         data = list(pool.map(read_one, range(len(uris))))
     out = dict(batch)
     out["data"] = np.array([*data, b""], dtype=object)[:-1]  # keeps bytes objects intact
-    out["error"] = np.array(errors, dtype=object)
+    out["error"] = errors_out(errors)
     return out
 
 
-def decode_batch(batch: Batch, channels: int = 3, max_pixels: int = 89_478_485) -> Batch:
+def decode_batch(
+    batch: Batch,
+    channels: int = 3,
+    max_pixels: int = 89_478_485,
+    resize: str | int | tuple[int, int] = "none",
+) -> Batch:
     """Replace ``data`` by ``image`` ((H, W, C) arrays), ``kind``, ``width``, ``height``, ``meta``.
 
+    Images are resized for the model here, on the CPU, as torchvision's preset does on a PIL
+    image (so batches travel at the model's size); ``width``/``height`` stay the original size.
     Rows that fail get an empty image of shape (0, 0, C) and their error message.
     """
     n = len(batch["uri"])
@@ -80,20 +97,23 @@ def decode_batch(batch: Batch, channels: int = 3, max_pixels: int = 89_478_485) 
     widths: list[int] = []
     heights: list[int] = []
     metas: list[str] = []
-    errors: list[str | None] = list(batch["error"])
+    errors = errors_in(batch["error"])
     for i in range(n):
+        height = width = -1
         image = np.zeros((0, 0, channels), dtype=np.uint8)
         kind = KIND_ERROR
         if errors[i] is None:
             try:
                 image = decode_one(batch["data"][i], batch["uri"][i], channels, max_pixels)
+                height, width = image.shape[:2]
+                image = resize_for_model(image, resize)
                 kind = KIND_IMAGE
             except Exception as exc:
                 errors[i] = error_message(exc)
         images.append(image)
         kinds.append(kind)
-        heights.append(int(image.shape[0]) if kind == KIND_IMAGE else -1)
-        widths.append(int(image.shape[1]) if kind == KIND_IMAGE else -1)
+        heights.append(int(height) if kind == KIND_IMAGE else -1)
+        widths.append(int(width) if kind == KIND_IMAGE else -1)
         metas.append(json.dumps({}))
     out = {k: v for k, v in batch.items() if k != "data"}
     out["image"] = images
@@ -101,7 +121,7 @@ def decode_batch(batch: Batch, channels: int = 3, max_pixels: int = 89_478_485) 
     out["width"] = np.array(widths, dtype=np.int64)
     out["height"] = np.array(heights, dtype=np.int64)
     out["meta"] = np.array(metas, dtype=object)
-    out["error"] = np.array(errors, dtype=object)
+    out["error"] = errors_out(errors)
     return out
 
 

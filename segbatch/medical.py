@@ -242,6 +242,7 @@ def _rescale(ds: Any, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
     Classic objects carry RescaleSlope/Intercept at the top level; enhanced multi-frame objects
     (enhanced CT/MR) carry them in the shared or per-frame functional groups instead.
     """
+    # `or`: an element that is present but empty means the default, not zero.
     slope = np.ones(n_frames)
     intercept = np.zeros(n_frames)
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
@@ -278,7 +279,7 @@ def _dicom_ids(ds: Any) -> dict[str, str | int | None]:
     return ids
 
 
-def _decoder_missing(pydicom: ModuleType, uid: Any) -> bool | None:
+def _decoder_missing(uid: Any) -> bool | None:
     """Whether no installed plugin decodes ``uid``; None when this pydicom cannot tell (< 3)."""
     try:
         from pydicom.pixels.decoders.base import get_decoder
@@ -290,7 +291,7 @@ def _decoder_missing(pydicom: ModuleType, uid: Any) -> bool | None:
         return None
 
 
-def _pixel_error(pydicom: ModuleType, ds: Any, exc: Exception) -> DecodeError:
+def _pixel_error(ds: Any, exc: Exception) -> DecodeError:
     """A DecodeError for pixels that pydicom could not decode, naming a decoder when one is due."""
     meta = getattr(ds, "file_meta", None)
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -299,7 +300,7 @@ def _pixel_error(pydicom: ModuleType, ds: Any, exc: Exception) -> DecodeError:
     name = getattr(uid, "name", str(uid))
     packages = _DECODER_PACKAGES.get(str(uid), _ANY_DECODER)
     install = f"pip install {packages} (or python-gdcm)"
-    missing = _decoder_missing(pydicom, uid)
+    missing = _decoder_missing(uid)
     if missing:
         return DecodeError(
             f"DICOM pixel data is compressed as {name} and no decoder for it is installed: "
@@ -340,19 +341,24 @@ def read_dicom(data: bytes) -> DicomFrames:
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        raise _pixel_error(pydicom, ds, exc) from exc
+        raise _pixel_error(ds, exc) from exc
     pixels = np.asarray(pixels)
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.ndim != 3:
         raise DecodeError(f"DICOM pixel array has unexpected shape {pixels.shape}")
-    slope, intercept = _rescale(ds, pixels.shape[0])
+    try:
+        slope, intercept = _rescale(ds, pixels.shape[0])
+        spacing = _pixel_spacing(ds)
+        ids = _dicom_ids(ds)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # malformed values
+        raise DecodeError(f"DICOM attributes cannot be read: {exc}") from exc
     frames = pixels.astype(np.float64) * slope[:, None, None] + intercept[:, None, None]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     return DicomFrames(
         frames=frames.astype(np.float32),
-        pixel_spacing_mm=_pixel_spacing(ds),
-        ids=_dicom_ids(ds),
+        pixel_spacing_mm=spacing,
+        ids=ids,
         monochrome1=photometric == "MONOCHROME1",
     )
 

@@ -421,6 +421,8 @@ def _resolve_resize(pre: PreprocessConfig, preset: Resize) -> Resize:
         return preset
     if resize == "none":
         return "none"
+    if isinstance(resize, list):  # a config built in code rather than parsed from YAML
+        resize = tuple(resize)
     if isinstance(resize, bool) or not isinstance(resize, int | tuple):
         raise ConfigError(f"preprocess.resize: {resize!r}; use auto, none, an int or [h, w]")
     if isinstance(resize, int):

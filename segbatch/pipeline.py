@@ -185,7 +185,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     n = len(items)
     rows_in = [
-        {"index": i, "uri": it.uri, "rel_path": it.rel_path, "error": it.error}
+        {"index": i, "uri": it.uri, "rel_path": it.rel_path, "error": it.error or ""}
         for i, it in enumerate(items)
     ]
     read_rows = 16
@@ -200,7 +200,11 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     )
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"channels": info.in_channels, "max_pixels": job.input.max_image_pixels},
+        fn_kwargs={
+            "channels": info.in_channels,
+            "max_pixels": job.input.max_image_pixels,
+            "resize": info.resize,
+        },
         batch_size=read_rows,
         num_cpus=1,
     )

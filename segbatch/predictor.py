@@ -90,15 +90,16 @@ class Predictor:
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def prepare(self, batch: np.ndarray) -> torch.Tensor:
-        """(N, H, W, C) array of one size and dtype -> (N, C, h, w) normalized float32 on device."""
+    def prepare(self, batch: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, H, W, C) array of one size and dtype -> (N, C, h, w) normalized float32 on device.
+
+        ``size``: the model's input size; images not already at it (the decode stage resizes
+        uint8 images on the CPU) are resized here with the preset's antialiased bilinear.
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2)
-        resize = self.info.resize
-        if resize != "none":
-            size = [resize] if isinstance(resize, int) else list(resize)
-            # The preset's own call, on the integer image: same rounding as torchvision's transform.
-            x = TF.resize(x, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = TF.resize(x, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
         if x.dtype == torch.uint8:
             x = x.to(torch.float32).div(255)
         else:
@@ -120,38 +121,54 @@ class Predictor:
             return self.forward(x)
         return torch.stack([sliding_window_logits(xi, self.forward, self.tiling) for xi in x])
 
-    def to_masks(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """(N, K, h, w) logits -> (N, height, width) masks, one image at a time to bound memory."""
-        out = np.empty((logits.shape[0], height, width), dtype=self.out_dtype)
-        for i in range(logits.shape[0]):
+    def to_masks(self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """(N, K, h, w) logits -> N masks of ``sizes[i]``, one at a time to bound memory."""
+        out = []
+        for i, (height, width) in enumerate(sizes):
             li = logits[i : i + 1]
             if li.shape[-2:] != (height, width):
                 li = F.interpolate(li, size=(height, width), mode="bilinear", align_corners=False)
-            out[i] = li[0].argmax(0).to("cpu", torch.int32).numpy().astype(self.out_dtype)
+            out.append(li[0].argmax(0).to("cpu", torch.int32).numpy().astype(self.out_dtype))
         return out
 
     # -- the public entry ---------------------------------------------------------------------
     def segment(
-        self, images: Sequence[np.ndarray], batch_size: int | None = None
+        self,
+        images: Sequence[np.ndarray],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batch_size: int | None = None,
     ) -> list[np.ndarray]:
-        """Masks for ``images`` (any mix of sizes), in the same order."""
+        """Masks for ``images`` (any mix of sizes), in the same order.
+
+        ``sizes``: each image's original (height, width), the size of its mask; by default the
+        image's own size. Images may arrive already resized for the model (see decode).
+        """
+        sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         masks: list[np.ndarray | None] = [None] * len(images)
         step = batch_size or len(images) or 1
         with torch.inference_mode():
-            for idx in _groups(images, step):
+            for idx in _groups(images, sizes, self.info.resize, step):
                 batch = np.stack([images[i] for i in idx])
-                h, w = batch.shape[1:3]
-                result = self.to_masks(self.logits(self.prepare(batch)), h, w)
+                h, w = sizes[idx[0]]
+                x = self.prepare(batch, model_input_size(h, w, self.info.resize))
+                result = self.to_masks(self.logits(x), [sizes[i] for i in idx])
                 for j, i in enumerate(idx):
                     masks[i] = result[j]
         return [m for m in masks if m is not None]
 
 
-def _groups(images: Sequence[np.ndarray], step: int) -> Iterator[list[int]]:
-    """Indices of images grouped by (shape, dtype), in chunks of at most ``step``."""
+def _groups(
+    images: Sequence[np.ndarray],
+    sizes: Sequence[tuple[int, int]],
+    resize: str | int | tuple[int, int],
+    step: int,
+) -> Iterator[list[int]]:
+    """Indices of images that can share a forward pass, in chunks of at most ``step``: same
+    array shape and dtype, and the same model input size."""
     by_key: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, img in enumerate(images):
-        by_key[(img.shape, img.dtype.str)].append(i)
+        target = model_input_size(*sizes[i], resize)
+        by_key[(img.shape, img.dtype.str, target)].append(i)
     for idx in by_key.values():
         for start in range(0, len(idx), step):
             yield idx[start : start + step]

@@ -73,7 +73,9 @@ def _read_manifest(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> li
     if ext == ".txt":
         text = io.read_bytes(uri, options).decode("utf-8")
         return [
-            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")
         ]
     if ext == ".csv":
         text = io.read_bytes(uri, options).decode("utf-8")
@@ -107,9 +109,17 @@ def _common_dir(paths: Sequence[str]) -> str:
     return prefix.rsplit("/", 1)[0] if "/" in prefix else ""
 
 
+def _normalize(uri: str) -> str:
+    """'s3://b/x/./a.png' -> 's3://b/x/a.png': one spelling per file, so duplicates are found."""
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return f"{proto}://{posixpath.normpath(rest)}"
+    return posixpath.normpath(uri)
+
+
 def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[InputItem]:
     fs, path = io.get_fs(uri, options)
-    if any(c in path for c in _GLOB_CHARS):
+    if any(c in path for c in _GLOB_CHARS) and not fs.exists(path):
         root = path
         while any(c in root for c in _GLOB_CHARS):
             root = root.rsplit("/", 1)[0] if "/" in root else ""
@@ -137,11 +147,20 @@ def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[Inpu
     if extension_of(path) in MANIFEST_EXTENSIONS:
         entries = _read_manifest(uri, cfg, options)
         base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        uris = [e if "://" in e or e.startswith("/") else io.join(base, e) for e in entries]
+        uris = [
+            _normalize(e if "://" in e or e.startswith("/") else io.join(base, e)) for e in entries
+        ]
         stripped = [u.split("://", 1)[-1] for u in uris]
         root = _common_dir(stripped)
         return [_item(u, _relative(s, root)) for u, s in zip(uris, stripped, strict=True)]
     return [_item(io.full_uri(fs, path), path.rsplit("/", 1)[-1])]
+
+
+def _stem(rel: str) -> str:
+    """The name a mask gets, without extension: 'a/b.png' and 'a/b.jpg' share 'a/b'."""
+    if rel.lower().endswith(".nii.gz"):
+        return rel[: -len(".nii.gz")]
+    return posixpath.splitext(rel)[0]
 
 
 def _unique_rel(items: list[InputItem]) -> list[InputItem]:
@@ -149,7 +168,7 @@ def _unique_rel(items: list[InputItem]) -> list[InputItem]:
     seen: dict[str, int] = {}
     out = []
     for item in items:
-        key = item.rel_path.lower()
+        key = _stem(item.rel_path).lower()
         if key in seen:
             seen[key] += 1
             stem, ext = posixpath.splitext(item.rel_path)

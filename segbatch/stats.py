@@ -23,9 +23,11 @@ def class_columns(classes: Sequence[str], prefix: str = "px_") -> list[str]:
     out: list[str] = []
     seen: dict[str, int] = {}
     for i, cls in enumerate(classes):
-        col = prefix + column_name(cls)
-        if col in seen or col == prefix + "nodata":
-            col = f"{col}_{i}"
+        base = col = prefix + column_name(cls)
+        k = 0
+        while col in seen or col == prefix + "nodata":
+            k += 1
+            col = f"{base}_{i}" if k == 1 else f"{base}_{i}_{k}"
         seen[col] = i
         out.append(col)
     return out

@@ -313,7 +313,9 @@ class _SegmentStream:
 
     def _emit(self, rows: int) -> None:
         """Write the first ``rows`` buffer rows, which no later tile touches."""
-        block = (self.numer[:, :rows] / self.denom[:rows]).argmax(0)
+        # Divided in place: these rows are overwritten by the shift next, and a divided copy
+        # would briefly double the accumulator.
+        block = self.numer[:, :rows].div_(self.denom[:rows]).argmax(0)
         self.write_block(self.top, self.c0, block.cpu().numpy().astype(np.int64, copy=False))
 
     def _advance(self) -> None:

@@ -125,18 +125,16 @@ def _dicom_bytes(ds: Any) -> bytes:
     return buf.getvalue()
 
 
-def _multiframe(
-    pixels: np.ndarray, photometric: str = "MONOCHROME2", transfer_syntax: str | None = None
-) -> Any:
+def _multiframe(pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Any:
     """An uncompressed (F, H, W) uint16 multi-frame dataset with a patient name to leak."""
     pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")  # secondary capture
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID

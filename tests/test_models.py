@@ -177,6 +177,10 @@ def test_preprocess_overrides() -> None:
     assert info.std == (0.25, 0.25, 0.25)
     assert resolve(PreprocessConfig(resize="none"), name="fcn_resnet50").resize == "none"
     assert resolve(PreprocessConfig(resize=384), name="fcn_resnet50").resize == 384
+    as_list = PreprocessConfig(resize=[300, 400])  # type: ignore[arg-type]
+    assert resolve(as_list, name="fcn_resnet50").resize == (300, 400)
+    with pytest.raises(ConfigError, match="resize"):
+        resolve(PreprocessConfig(resize=(4, 400)), name="fcn_resnet50")
     padded = resolve(PreprocessConfig(pad_to_multiple=32), name="lraspp_mobilenet_v3_large")
     assert padded.pad_to_multiple == 32
 
@@ -432,16 +436,19 @@ def test_checkpoint_round_trip_nested_and_ddp_prefix(tmp_path: Path) -> None:
 
 
 def test_checkpoint_ignores_aux_classifier(tmp_path: Path) -> None:
-    from torchvision.models.segmentation import fcn_resnet50
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-    net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=2, aux_loss=True)
+    net = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=2, aux_loss=True
+    ).eval()
     assert any(k.startswith("aux_classifier.") for k in net.state_dict())
-    path = tmp_path / "fcn.pt"
+    path = tmp_path / "deeplab.pt"
     torch.save({"model": net.state_dict()}, path)
     state = load_checkpoint(str(path))
     assert not any(k.startswith("aux_classifier.") for k in state)
-    model = build_model(resolve(name="fcn_resnet50", weights=str(path), num_classes=2))
-    net.eval()
+    assert set(state) == {k for k in net.state_dict() if not k.startswith("aux_classifier.")}
+    info = resolve(name="deeplabv3_mobilenet_v3_large", weights=str(path), num_classes=2)
+    model = build_model(info)
     x = batch(1, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(model(x), net(x)["out"])
@@ -531,3 +538,18 @@ def test_default_weights_from_torch_hub_cache(
     x = batch(1, 3, 45, 61)
     with torch.inference_mode():
         assert torch.equal(model(x), pretrained(x)["out"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_saved_checkpoint_loads_on_cpu_and_builds_on_cuda(tmp_path: Path) -> None:
+    trained = UNet(3, 2, depth=2, base_channels=4).cuda()
+    path = tmp_path / "gpu.pt"
+    torch.save(trained.state_dict(), path)
+    info = resolve(name="unet", weights=str(path), unet=UNetConfig(depth=2, base_channels=4))
+    on_cpu = build_model(info, "cpu")
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+    on_gpu = build_model(info, "cuda")
+    x = batch(1, 3, 21, 30)
+    with torch.inference_mode():
+        torch.testing.assert_close(on_gpu(x.cuda()).cpu(), on_cpu(x), rtol=1e-4, atol=1e-4)

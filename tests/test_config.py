@@ -1,0 +1,334 @@
+"""The job configuration (segbatch.config): dotted keys, YAML, validation, redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from segbatch.config import JobConfig, all_keys, load_job, parse_value, to_dict, to_yaml
+from segbatch.errors import ConfigError, SegbatchUsageError, UnknownKeyError
+
+# One non-default, valid value for every leaf key, and what the frozen config holds afterwards.
+LEAF_VALUES: dict[str, tuple[Any, Any]] = {
+    "input.paths": (["a.png", "b/"], ("a.png", "b/")),
+    "input.format": ("tar", "tar"),
+    "input.image_column": ("img", "img"),
+    "input.path_column": ("uri", "uri"),
+    "input.max_image_pixels": (1000, 1000),
+    "input.slice_axis": (1, 1),
+    "input.volume_index": ("all", "all"),
+    "output.path": ("s3://bucket/out", "s3://bucket/out"),
+    "output.overwrite": (True, True),
+    "output.resume": (True, True),
+    "output.overlays": (0, 0),
+    "output.rows_per_file": (7, 7),
+    "output.mask_write_threads": (2, 2),
+    "output.nodata_value": (0, 0),
+    "output.per_slice_rows": (True, True),
+    "model.name": ("unet", "unet"),
+    "model.weights": ("none", "none"),
+    "model.classes": (["bg", "cat"], ("bg", "cat")),
+    "model.num_classes": (3, 3),
+    "model.in_channels": (1, 1),
+    "model.code_path": ("/models", "/models"),
+    "model.unet.depth": (2, 2),
+    "model.unet.base_channels": (8, 8),
+    "preprocess.resize": ([520, 480], (520, 480)),
+    "preprocess.pad_to_multiple": (32, 32),
+    "preprocess.mean": ([0.5, 0.25, 1], (0.5, 0.25, 1.0)),
+    "preprocess.std": ([0.5, 2], (0.5, 2.0)),
+    "preprocess.bands": ([4, 3, 2], (4, 3, 2)),
+    "preprocess.nodata": (-9999, -9999.0),
+    "preprocess.stretch": ("percentile", "percentile"),
+    "preprocess.stretch_percentiles": ([1, 99.5], (1.0, 99.5)),
+    "preprocess.window": ({"center": 40, "width": 400}, {"center": 40, "width": 400}),
+    "inference.device": ("cpu", "cpu"),
+    "inference.batch_size": (16, 16),
+    "inference.workers": ([1, 4], (1, 4)),
+    "inference.gpus_per_worker": (0.5, 0.5),
+    "inference.cpus_per_worker": (2, 2.0),
+    "inference.threads_per_worker": (3, 3),
+    "inference.precision": ("bf16", "bf16"),
+    "inference.channels_last": (True, True),
+    "tiling.enabled": (False, False),
+    "tiling.tile_size_px": (256, 256),
+    "tiling.overlap": (0.5, 0.5),
+    "tiling.blend": ("constant", "constant"),
+    "tiling.batch_tiles": (2, 2),
+    "storage.options": ({"anon": True}, {"anon": True}),
+    "storage.retries": (0, 0),
+    "stats.count_components": (["cat"], ("cat",)),
+    "stats.min_component_px": (9, 9),
+    "ray.address": ("auto", "auto"),
+    "ray.progress_bars": (False, False),
+    "max_error_fraction": (0.1, 0.1),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _leaf_keys() -> list[str]:
+    keys = all_keys()
+    return [k for k in keys if not any(other.startswith(k + ".") for other in keys)]
+
+
+def test_leaf_value_table_covers_every_key() -> None:
+    # A new config key must get a row in LEAF_VALUES (and so a settability check).
+    assert sorted(LEAF_VALUES) == sorted(_leaf_keys())
+
+
+@pytest.mark.parametrize("key", sorted(LEAF_VALUES))
+def test_every_dotted_key_is_settable(key: str) -> None:
+    value, expected = LEAF_VALUES[key]
+    default = _get(JobConfig(), key)
+    assert default != expected, "pick a non-default value so the check means something"
+    cfg = load_job(None, {key: value})
+    got = _get(cfg, key)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+def test_defaults_without_file_or_overrides() -> None:
+    cfg = load_job()
+    assert cfg == JobConfig()
+    assert cfg.model.name == "lraspp_mobilenet_v3_large"
+    assert cfg.preprocess.resize == "auto"
+    assert cfg.inference.batch_size is None
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_job()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.name = "x"  # type: ignore[misc]
+
+
+def test_section_key_takes_a_mapping() -> None:
+    cfg = load_job(None, {"model.unet": {"depth": 3}})
+    assert cfg.model.unet.depth == 3
+    assert cfg.model.unet.base_channels == 32
+
+
+def test_yaml_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "input:\n"
+        "  paths: [photos/, extra.png]\n"
+        "model:\n"
+        "  name: unet\n"
+        "  classes: [background, road]\n"
+        "  unet: {depth: 3}\n"
+        "preprocess:\n"
+        "  resize: [256, 512]\n"
+        "inference:\n"
+        "  workers: 2\n"
+        "max_error_fraction: 0.25\n"
+    )
+    cfg = load_job(job)
+    assert cfg.input.paths == ("photos/", "extra.png")
+    assert cfg.model.name == "unet"
+    assert cfg.model.classes == ("background", "road")
+    assert cfg.model.unet.depth == 3
+    assert cfg.preprocess.resize == (256, 512)
+    assert cfg.inference.workers == 2
+    assert cfg.max_error_fraction == 0.25
+
+
+def test_overrides_win_over_the_job_file(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("inference:\n  batch_size: 4\n  device: cpu\n")
+    cfg = load_job(str(job), {"inference.batch_size": 32})
+    assert cfg.inference.batch_size == 32
+    assert cfg.inference.device == "cpu"  # the sibling from the file is kept
+
+
+def test_empty_job_file_is_the_defaults(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("")
+    assert load_job(job) == JobConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[1, 2", "not valid YAML"), ("- a\n- b\n", "must be a mapping")],
+)
+def test_bad_job_file(tmp_path: Path, text: str, message: str) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_job(job)
+
+
+def test_missing_job_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_job(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("inference.batchsize", "inference.batch_size"),
+        ("modle.name", "model.name"),
+        ("tiling.tile_size", "tiling.tile_size_px"),
+        ("output.overwrit", "output.overwrite"),
+    ],
+)
+def test_unknown_override_names_the_closest_key(key: str, suggestion: str) -> None:
+    with pytest.raises(UnknownKeyError) as info:
+        load_job(None, {key: 1})
+    assert f"did you mean {suggestion!r}" in str(info.value)
+    assert repr(key) in str(info.value)
+    assert isinstance(info.value, SegbatchUsageError)
+
+
+def test_unknown_key_in_job_file_names_the_closest_key(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("inference:\n  batchsize: 8\n")
+    with pytest.raises(UnknownKeyError, match=re.escape("did you mean 'inference.batch_size'")):
+        load_job(job)
+
+
+def test_unknown_key_far_from_everything_has_no_suggestion() -> None:
+    with pytest.raises(UnknownKeyError) as info:
+        load_job(None, {"zzzzqqqq": 1})
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("inference.batch_size", "x", "inference.batch_size"),
+        ("inference.batch_size", 0, "batch_size must be at least 1"),
+        ("inference.batch_size", 2.5, "inference.batch_size"),
+        ("inference.batch_size", True, "inference.batch_size"),
+        ("preprocess.resize", "big", "preprocess.resize"),
+        ("preprocess.resize", 4, "at least 8"),
+        ("preprocess.resize", [1, 2, 3], "preprocess.resize"),
+        ("inference.workers", [3, 1], "min <= max"),
+        ("inference.workers", 0, "workers must be at least 1"),
+        ("inference.device", "tpu", "not one of"),
+        ("output.overwrite", "yes", "expected true or false"),
+        ("tiling.overlap", 1.0, "tiling.overlap"),
+        ("tiling.tile_size_px", 8, "at least 16"),
+        ("input.paths", "a.png", "expected a list"),
+        ("model.unet", 3, "expected a mapping"),
+        ("storage.options", [1], "expected a mapping"),
+        ("max_error_fraction", 1.5, "max_error_fraction"),
+        ("preprocess.std", [0.5, 0], "above 0"),
+        ("preprocess.bands", [0, 1], "1-based"),
+        ("inference.gpus_per_worker", 0, "above 0"),
+    ],
+)
+def test_type_and_range_errors(key: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_job(None, {key: value})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="one value per channel"):
+        load_job(None, {"preprocess.mean": [0.5, 0.5], "preprocess.std": [0.5]})
+    with pytest.raises(ConfigError, match=re.escape("model.num_classes is 3")):
+        load_job(None, {"model.classes": ["a", "b"], "model.num_classes": 3})
+    cfg = load_job(None, {"model.classes": ["a", "b"], "model.num_classes": 2})
+    assert cfg.model.num_classes == 2
+
+
+def test_user_model_needs_code_path() -> None:
+    with pytest.raises(ConfigError, match=re.escape("model.code_path")):
+        load_job(None, {"model.name": "pkg:build"})
+    cfg = load_job(None, {"model.name": "pkg:build", "model.code_path": "models/"})
+    assert cfg.model.name == "pkg:build"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4", 4),
+        ("0.5", 0.5),
+        ("[1, 2]", [1, 2]),
+        ("none", "none"),
+        ("null", None),
+        ("auto", "auto"),
+        ("true", True),
+        ("s3://bucket/x", "s3://bucket/x"),
+        ("{center: 40, width: 400}", {"center": 40, "width": 400}),
+    ],
+)
+def test_parse_value(text: str, expected: Any) -> None:
+    got = parse_value(text)
+    assert got == expected
+    assert type(got) is type(expected)
+
+
+def test_parse_value_keeps_unparseable_text() -> None:
+    assert parse_value("[1, 2") == "[1, 2"
+
+
+def test_parse_value_reads_exponent_floats() -> None:
+    assert parse_value("-1e9") == -1e9
+    assert load_job(None, {"preprocess.nodata": parse_value("-1e9")}).preprocess.nodata == -1e9
+
+
+def test_set_resize_pair_becomes_a_tuple() -> None:
+    cfg = load_job(None, {"preprocess.resize": parse_value("[520, 520]")})
+    assert cfg.preprocess.resize == (520, 520)
+    assert isinstance(cfg.preprocess.resize, tuple)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("none", "none"), ("auto", "auto"), ("512", 512)])
+def test_set_resize_scalar_forms(text: str, expected: Any) -> None:
+    assert load_job(None, {"preprocess.resize": parse_value(text)}).preprocess.resize == expected
+
+
+def test_lists_become_tuples_everywhere() -> None:
+    cfg = load_job(
+        None,
+        {
+            "input.paths": ["a", "b"],
+            "stats.count_components": ["x"],
+            "preprocess.mean": [1, 2, 3],
+            "preprocess.std": [1, 1, 1],
+        },
+    )
+    assert cfg.input.paths == ("a", "b")
+    assert cfg.stats.count_components == ("x",)
+    assert cfg.preprocess.mean == (1.0, 2.0, 3.0)
+    assert all(isinstance(v, float) for v in cfg.preprocess.mean)
+    hash(cfg.input)  # frozen and made of tuples: hashable
+
+
+def test_to_yaml_redacts_storage_options() -> None:
+    cfg = load_job(
+        None,
+        {"storage.options": {"key": "AKIASECRET", "secret": "hunter2"}, "model.name": "unet"},
+    )
+    text = to_yaml(cfg)
+    assert "AKIASECRET" not in text
+    assert "hunter2" not in text
+    data = yaml.safe_load(text)
+    assert data["storage"]["options"] == {"key": "<redacted>", "secret": "<redacted>"}
+    assert data["model"]["name"] == "unet"
+    # The config itself still holds the real values.
+    assert cfg.storage.options["secret"] == "hunter2"
+    assert yaml.safe_load(to_yaml(cfg, redact_storage=False))["storage"]["options"]["secret"] == (
+        "hunter2"
+    )
+
+
+def test_to_yaml_round_trips_through_load_job(tmp_path: Path) -> None:
+    cfg = load_job(
+        None,
+        {"preprocess.resize": [520, 520], "input.paths": ["a"], "inference.workers": [1, 2]},
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(to_yaml(cfg))
+    assert load_job(job) == cfg
+    assert to_dict(cfg)["preprocess"]["resize"] == [520, 520]

@@ -1,0 +1,229 @@
+"""The whole job on local Ray: outputs, schema, statistics, bad inputs, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from segbatch.config import load_job
+from segbatch.pipeline import run_job
+from segbatch.stats import class_columns
+from tests.conftest import PHOTOS
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def job(tmp_path: Path, inputs: list[str], **overrides: Any) -> Any:
+    base = {
+        "input.paths": inputs,
+        "output.path": str(tmp_path / "out"),
+        "model.name": "lraspp_mobilenet_v3_large",
+        "model.weights": "none",
+        "inference.device": "cpu",
+    }
+    base.update(overrides)
+    return load_job(None, base)
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    tables = [pq.read_table(p) for p in sorted((out / "results").glob("*.parquet"))]
+    return [row for t in tables for row in t.to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def nested_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("nested")
+    (root / "a" / "b").mkdir(parents=True)
+    shutil.copy(PHOTOS / "chelsea_cat.png", root / "a" / "cat.png")
+    shutil.copy(PHOTOS / "coffee.png", root / "a" / "b" / "coffee.PNG")
+    Image.open(PHOTOS / "astronaut.png").convert("RGB").save(root / "astronaut.jpg", quality=92)
+    Image.open(PHOTOS / "chelsea_cat.png").convert("L").save(root / "grey.png")
+    Image.open(PHOTOS / "chelsea_cat.png").convert("P").save(root / "palette.png")
+    Image.open(PHOTOS / "chelsea_cat.png").convert("RGBA").save(root / "rgba.png")
+    grey16 = np.asarray(Image.open(PHOTOS / "coffee.png").convert("L")).astype(np.uint16) * 257
+    Image.fromarray(grey16).save(root / "grey16.png")
+    return root
+
+
+def test_outputs_follow_the_contract(
+    tmp_path: Path, nested_photos: Path, calibrated_checkpoint: dict[str, Any]
+) -> None:
+    cfg = job(
+        tmp_path,
+        [str(nested_photos)],
+        **{
+            "model.name": calibrated_checkpoint["name"],
+            "model.weights": calibrated_checkpoint["path"],
+            "output.overlays": 2,
+            "output.rows_per_file": 3,
+            "inference.batch_size": 2,
+        },
+    )
+    assert run_job(cfg) == 0
+    out = tmp_path / "out"
+    rows = read_results(out)
+    expected_rel = [
+        "a/b/coffee.png",
+        "a/cat.png",
+        "astronaut.png",
+        "grey.png",
+        "grey16.png",
+        "palette.png",
+        "rgba.png",
+    ]
+    assert [r["index"] for r in rows] == list(range(7))
+    masks = sorted(p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*.png"))
+    assert masks == expected_rel
+    # Deterministic part files: 7 rows at 3 per file.
+    assert sorted(p.name for p in (out / "results").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    schema = pq.read_schema(out / "results" / "part-00000.parquet")
+    classes = json.loads(schema.metadata[b"segbatch.classes"])
+    assert classes[:2] == ["__background__", "aeroplane"] and len(classes) == 21
+    cols = class_columns(classes)
+    assert cols[0] == "px_background" and cols[-1] == "px_tvmonitor"
+    assert schema.names[:9] == [
+        "index",
+        "path",
+        "width",
+        "height",
+        "status",
+        "error",
+        "mask_path",
+        "model",
+        "px_nodata",
+    ]
+    assert schema.names[9:] == cols
+    for row in rows:
+        assert row["status"] == "ok" and row["error"] is None
+        assert row["model"] == "deeplabv3_mobilenet_v3_large"
+        mask = np.asarray(Image.open(row["mask_path"]))
+        assert mask.shape == (row["height"], row["width"])
+        counts = np.bincount(mask.ravel(), minlength=21)
+        assert [row[c] for c in cols] == counts.tolist()
+        assert sum(row[c] for c in cols) == row["width"] * row["height"]
+    mask_im = Image.open(out / "masks" / "a" / "cat.png")
+    assert mask_im.mode == "P" and mask_im.getpalette()[3:6] == [128, 0, 0]
+    # Grey, palette, RGBA and 16-bit variants of one photo: converted, not rejected.
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["grey16.png"]["width"] == 600
+    # Overlays for the first two inputs only.
+    overlays = sorted(
+        p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png")
+    )
+    assert overlays == expected_rel[:2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == {"total": 7, "ok": 7, "error": 0, "not_run": 0}
+    total_px = sum(r["width"] * r["height"] for r in rows)
+    assert sum(summary["pixels"].values()) == total_px
+    assert abs(sum(summary["fractions"].values()) - 1) < 1e-9
+    assert set(summary["versions"]) >= {"segbatch", "torch", "torchvision", "ray"}
+    assert summary["images_per_s"] > 0
+    resolved = yaml.safe_load((out / "job.yaml").read_text())
+    assert resolved["inference"]["batch_size"] == 2
+    assert resolved["model"]["classes"][:2] == ["__background__", "aeroplane"]
+
+
+def test_bad_inputs_become_error_rows(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(PHOTOS / "chelsea_cat.png", src / "a_good.png")
+    shutil.copy(PHOTOS / "coffee.png", src / "z_good.png")
+    (src / "b_empty.png").write_bytes(b"")
+    jpeg = (PHOTOS / "astronaut.png").read_bytes()
+    Image.open(PHOTOS / "astronaut.png").save(tmp_path / "full.jpg")
+    (src / "c_truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:5000])
+    (src / "d_text.png").write_text("this is not a png")
+    (src / "e_notes.docx").write_bytes(jpeg[:100])
+    # Over Pillow's own pixel limit (89,478,485): a tiny file, a huge header.
+    Image.new("1", (10_000, 9_000)).save(src / "f_huge.png")
+    manifest = tmp_path / "list.txt"
+    names = sorted(p.name for p in src.iterdir())
+    manifest.write_text("\n".join([*(str(src / n) for n in names), str(src / "g_missing.png")]))
+    cfg = job(tmp_path, [str(manifest)], **{"inference.batch_size": 4, "max_error_fraction": 0.9})
+    assert run_job(cfg) == 0
+    rows = {Path(r["path"]).name: r for r in read_results(tmp_path / "out")}
+    assert len(rows) == 8
+    assert rows["a_good.png"]["status"] == "ok" and rows["z_good.png"]["status"] == "ok"
+    expected = {
+        "b_empty.png": "empty",
+        "c_truncated.jpg": "truncated",
+        "d_text.png": "not an image",
+        "e_notes.docx": "unsupported file type",
+        "f_huge.png": "input.max_image_pixels",
+        "g_missing.png": "not found",
+    }
+    for name, words in expected.items():
+        assert rows[name]["status"] == "error", name
+        assert words in rows[name]["error"], (name, rows[name]["error"])
+        assert rows[name]["mask_path"] is None and rows[name]["px_background"] is None
+    assert (tmp_path / "out" / "masks" / "a_good.png").exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"]["ok"] == 2 and summary["images"]["error"] == 6
+
+
+def test_error_fraction_above_limit_exits_1(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(PHOTOS / "chelsea_cat.png", src / "good.png")
+    for i in range(3):
+        (src / f"bad{i}.png").write_text("no")
+    cfg = job(tmp_path, [str(src)], **{"max_error_fraction": 0.5})
+    assert run_job(cfg) == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"]["error"] == 3
+
+
+def test_user_model_code_is_shipped_to_workers(tmp_path: Path) -> None:
+    """A module:callable model from a .py file; logits at half resolution are resized back."""
+    code = tmp_path / "code" / "tiny.py"
+    code.parent.mkdir()
+    code.write_text(
+        "import torch\n"
+        "class Half(torch.nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.num_classes = num_classes\n"
+        "    def forward(self, x):\n"
+        "        # class 1 where red beats blue, at half resolution, as a tuple\n"
+        "        small = torch.nn.functional.avg_pool2d(x, 2)\n"
+        "        score = small[:, :1] - small[:, 2:3]\n"
+        "        return (torch.cat([-score, score], 1),)\n"
+        "def build(num_classes):\n"
+        "    return Half(num_classes)\n"
+    )
+    src = tmp_path / "in"
+    src.mkdir()
+    img = np.zeros((32, 48, 3), dtype=np.uint8)
+    img[:, :24, 0] = 255  # left half red
+    img[:, 24:, 2] = 255  # right half blue
+    Image.fromarray(img).save(src / "split.png")
+    cfg = job(
+        tmp_path,
+        [str(src)],
+        **{
+            "model.name": "tiny:build",
+            "model.code_path": str(code),
+            "model.weights": "default",
+            "model.classes": ["blue", "red"],
+            "preprocess.mean": [0.0, 0.0, 0.0],
+            "preprocess.std": [1.0, 1.0, 1.0],
+        },
+    )
+    assert run_job(cfg) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "split.png"))
+    assert mask.shape == (32, 48)
+    assert (mask[:, :23] == 1).all() and (mask[:, 25:] == 0).all()
+    row = read_results(tmp_path / "out")[0]
+    assert row["px_red"] + row["px_blue"] == 32 * 48

@@ -1,0 +1,340 @@
+"""Outputs (segbatch.sinks): the results schema and writer, mask files, the output root."""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from segbatch import io
+from segbatch.errors import OutputExistsError, UnsafePathError
+from segbatch.overlays import flat_palette
+from segbatch.sinks import (
+    ResultsWriter,
+    encode_mask_png,
+    mask_rel_path,
+    prepare_output,
+    results_schema,
+    table_from_rows,
+    write_mask,
+    write_summary,
+)
+
+BASE = ["index", "path", "width", "height", "status", "error", "mask_path", "model", "px_nodata"]
+CLASSES = ["__background__", "Road", "potted plant"]
+
+
+@pytest.fixture
+def memfs() -> Iterator[Any]:
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    yield fs
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+
+
+def _row(i: int, **extra: Any) -> dict[str, Any]:
+    return {"index": i, "path": f"img{i}.png", "status": "ok", "model": "m", **extra}
+
+
+def test_results_schema_base_and_classes() -> None:
+    schema = results_schema(CLASSES)
+    assert schema.names == [*BASE, "px_background", "px_road", "px_potted_plant"]
+    for name in ("px_background", "px_road", "px_potted_plant", "index", "width", "px_nodata"):
+        assert schema.field(name).type == pa.int64()
+    for name in ("path", "status", "error", "mask_path", "model"):
+        assert schema.field(name).type == pa.string()
+    assert not schema.field("index").nullable
+    assert not schema.field("path").nullable
+    assert schema.field("error").nullable
+    assert json.loads(schema.metadata[b"segbatch.classes"]) == CLASSES
+
+
+def test_results_schema_optional_groups() -> None:
+    schema = results_schema(CLASSES, geo=True, dicom=True, volumes=True, component_classes=["Road"])
+    names = schema.names
+    assert names[: len(BASE)] == BASE
+    geo = ["crs", "bounds_left", "bounds_bottom", "bounds_right", "bounds_top"]
+    assert names.index("crs") < names.index("pixel_size_y") < names.index("area_m2_background")
+    assert all(n in names for n in geo)
+    assert [n for n in names if n.startswith("area_m2_")] == [
+        "area_m2_background",
+        "area_m2_road",
+        "area_m2_potted_plant",
+    ]
+    assert [n for n in names if n.startswith("area_mm2_")] == [
+        "area_mm2_background",
+        "area_mm2_road",
+        "area_mm2_potted_plant",
+    ]
+    assert [n for n in names if n.startswith("volume_ml_")] == [
+        "volume_ml_background",
+        "volume_ml_road",
+        "volume_ml_potted_plant",
+    ]
+    assert "study_instance_uid" in names
+    assert schema.field("instance_number").type == pa.int64()
+    assert schema.field("area_m2_road").type == pa.float64()
+    assert schema.field("volume_ml_road").type == pa.float64()
+    assert [n for n in names if n.startswith("n_")] == ["n_road"]
+    assert schema.field("n_road").type == pa.int64()
+    assert len(set(names)) == len(names)
+
+
+def test_results_schema_without_groups_has_none_of_them() -> None:
+    names = results_schema(CLASSES).names
+    assert not [n for n in names if n.startswith(("area_", "volume_", "n_", "bounds_"))]
+    assert "crs" not in names
+
+
+def test_table_from_rows_fills_missing_with_null() -> None:
+    schema = results_schema(CLASSES)
+    rows = [_row(0, width=4, height=3, px_road=12), _row(1, status="error", error="bad")]
+    table = table_from_rows(rows, schema)
+    assert table.schema.equals(schema, check_metadata=True)
+    data = table.to_pydict()
+    assert data["index"] == [0, 1]
+    assert data["width"] == [4, None]
+    assert data["px_road"] == [12, None]
+    assert data["error"] == [None, "bad"]
+    assert data["px_background"] == [None, None]
+    assert data["mask_path"] == [None, None]
+
+
+def _read_part(path: Path) -> dict[str, list[Any]]:
+    return pq.read_table(path).to_pydict()
+
+
+def test_results_writer_parts_by_index(tmp_path: Path) -> None:
+    schema = results_schema(CLASSES)
+    writer = ResultsWriter(str(tmp_path), schema, total=7, rows_per_file=3)
+    order = [5, 1, 6, 0, 3, 2, 4]
+    results = tmp_path / "results"
+    written_after: list[list[str]] = []
+    for i in order:
+        writer.add(_row(i, px_road=i * 10))
+        written_after.append(sorted(p.name for p in results.glob("*")) if results.exists() else [])
+    # part 2 (index 6) is complete after the third row; part 0 after index 2; part 1 last.
+    assert written_after == [
+        [],
+        [],
+        ["part-00002.parquet"],
+        ["part-00002.parquet"],
+        ["part-00002.parquet"],
+        ["part-00000.parquet", "part-00002.parquet"],
+        ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"],
+    ]
+    assert writer.written == [writer.part_uri(p) for p in (2, 0, 1)]
+    assert writer.part_uri(1) == f"{tmp_path}/results/part-00001.parquet"
+    assert _read_part(results / "part-00000.parquet")["index"] == [0, 1, 2]
+    assert _read_part(results / "part-00001.parquet")["index"] == [3, 4, 5]
+    assert _read_part(results / "part-00001.parquet")["px_road"] == [30, 40, 50]
+    assert _read_part(results / "part-00002.parquet")["index"] == [6]
+    whole = pq.read_table(results)
+    assert sorted(whole.column("index").to_pylist()) == list(range(7))
+    assert json.loads(whole.schema.metadata[b"segbatch.classes"]) == CLASSES
+    writer.close()  # nothing pending: writes nothing more
+    assert len(writer.written) == 3
+    assert sorted(p.name for p in results.iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]  # and no temporary files
+
+
+def test_results_writer_is_deterministic(tmp_path: Path) -> None:
+    schema = results_schema(["a", "b"])
+    contents = []
+    for seed in (1, 2):
+        out = tmp_path / str(seed)
+        writer = ResultsWriter(str(out), schema, total=10, rows_per_file=4)
+        order = list(range(10))
+        random.Random(seed).shuffle(order)
+        for i in order:
+            writer.add(_row(i))
+        writer.close()
+        names = sorted(p.name for p in (out / "results").iterdir())
+        contents.append([(n, _read_part(out / "results" / n)) for n in names])
+    assert [n for n, _ in contents[0]] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert contents[0] == contents[1]
+
+
+def test_results_writer_close_flushes_partial_parts(tmp_path: Path) -> None:
+    writer = ResultsWriter(str(tmp_path), results_schema(["a"]), total=6, rows_per_file=3)
+    for i in (4, 0, 2):  # an early stop: no part is complete
+        writer.add(_row(i))
+    assert not (tmp_path / "results").exists()
+    writer.close()
+    assert _read_part(tmp_path / "results" / "part-00000.parquet")["index"] == [0, 2]
+    assert _read_part(tmp_path / "results" / "part-00001.parquet")["index"] == [4]
+    assert writer.pending == {}
+
+
+def test_results_writer_expected_counts(tmp_path: Path) -> None:
+    # On resume only some rows are still to come: a part is complete when those arrived.
+    writer = ResultsWriter(
+        str(tmp_path), results_schema(["a"]), total=6, rows_per_file=3, expected={1: 1}
+    )
+    writer.add(_row(5))
+    assert _read_part(tmp_path / "results" / "part-00001.parquet")["index"] == [5]
+
+
+def test_results_writer_memory(memfs: Any) -> None:
+    writer = ResultsWriter("memory://out", results_schema(["a"]), total=2, rows_per_file=5)
+    writer.add(_row(1))
+    writer.add(_row(0))
+    data = io.read_bytes("memory://out/results/part-00000.parquet")
+    assert pq.read_table(stdio.BytesIO(data)).column("index").to_pylist() == [0, 1]
+
+
+def test_prepare_output_missing_or_empty_is_fine(tmp_path: Path) -> None:
+    prepare_output(str(tmp_path / "new"), overwrite=False, resume=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    prepare_output(str(tmp_path / "empty"), overwrite=False, resume=False)
+
+
+def _fill_output(root: Path) -> None:
+    for name in [
+        "masks/a.png",
+        "results/part-00000.parquet",
+        "overlays/a.png",
+        "summary.json",
+        "job.yaml",
+        "notes.txt",
+        "mine/keep.png",
+    ]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_prepare_output_refuses_non_empty(tmp_path: Path) -> None:
+    _fill_output(tmp_path)
+    with pytest.raises(OutputExistsError) as info:
+        prepare_output(str(tmp_path), overwrite=False, resume=False)
+    assert "--overwrite" in str(info.value)
+    assert isinstance(info.value, FileExistsError)
+    assert (tmp_path / "masks" / "a.png").exists()
+
+
+def test_prepare_output_overwrite_removes_only_own_outputs(tmp_path: Path) -> None:
+    _fill_output(tmp_path)
+    prepare_output(str(tmp_path), overwrite=True, resume=False)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["mine", "mine/keep.png", "notes.txt"]
+
+
+def test_prepare_output_resume_keeps_everything(tmp_path: Path) -> None:
+    _fill_output(tmp_path)
+    prepare_output(str(tmp_path), overwrite=False, resume=True)
+    assert (tmp_path / "results" / "part-00000.parquet").exists()
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_prepare_output_on_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        prepare_output(str(tmp_path / "f"), overwrite=True, resume=False)
+
+
+def test_prepare_output_memory(memfs: Any) -> None:
+    memfs.pipe("/out/masks/a.png", b"x")
+    memfs.pipe("/out/other.txt", b"x")
+    with pytest.raises(OutputExistsError):
+        prepare_output("memory://out", overwrite=False, resume=False)
+    prepare_output("memory://out", overwrite=True, resume=False)
+    assert io.list_files("memory://out") == ["memory:///out/other.txt"]
+
+
+@pytest.mark.parametrize(
+    ("rel", "suffix", "expected"),
+    [
+        ("a/b/c.JPG", ".png", "a/b/c.png"),
+        ("photo.jpeg", ".png", "photo.png"),
+        ("x.nii.gz", ".nii.gz", "x.nii.gz"),
+        ("dir/X.NII.GZ", ".nii.gz", "dir/X.nii.gz"),
+        ("scan.nii.gz", ".png", "scan.png"),
+        ("scene.tif", ".tif", "scene.tif"),
+        ("noext", ".png", "noext.png"),
+        ("v1.2/img", ".png", "v1.2/img.png"),
+        ("x~1.png", ".png", "x~1.png"),
+        ("../../etc/passwd", ".png", "etc/passwd.png"),
+        ("C:\\data\\a.PNG", ".png", "data/a.png"),
+    ],
+)
+def test_mask_rel_path(rel: str, suffix: str, expected: str) -> None:
+    assert mask_rel_path(rel, suffix) == expected
+
+
+def test_encode_mask_png_uint8_palette_round_trip() -> None:
+    mask = np.random.default_rng(0).integers(0, 21, size=(13, 17), dtype=np.uint8)
+    mask[0, 0] = 255
+    data = encode_mask_png(mask, 21)
+    with Image.open(stdio.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        assert im.mode == "P"
+        assert im.getpalette() == flat_palette(21)
+        np.testing.assert_array_equal(np.asarray(im), mask)
+
+
+def test_encode_mask_png_uint16_round_trip() -> None:
+    mask = np.random.default_rng(1).integers(0, 1000, size=(9, 11), dtype=np.uint16)
+    mask[0, :3] = [0, 999, 65535]
+    data = encode_mask_png(mask, 1000)
+    with Image.open(stdio.BytesIO(data)) as im:
+        assert im.mode in ("I;16", "I")
+        np.testing.assert_array_equal(np.asarray(im).astype(np.int64), mask.astype(np.int64))
+    # The PNG header says 16 bits per sample, grey.
+    assert data[24] == 16
+    assert data[25] == 0
+
+
+def test_write_mask_stays_under_root(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    mask = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    for rel in ["../../evil.png", "/abs/x.JPG", "sub/../../y.png", "a\x00b.png"]:
+        uri = write_mask(str(out), rel, mask, 3)
+        assert uri.startswith(f"{out}/masks/")
+        assert Path(uri).is_file()
+        with Image.open(uri) as im:
+            np.testing.assert_array_equal(np.asarray(im), mask)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "out/masks/a_b.png",
+        "out/masks/abs/x.png",
+        "out/masks/evil.png",
+        "out/masks/sub/y.png",
+    ]
+    with pytest.raises(UnsafePathError):
+        write_mask(str(out), "..", mask, 3)
+
+
+def test_write_mask_memory(memfs: Any) -> None:
+    mask = np.full((3, 3), 2, dtype=np.uint8)
+    uri = write_mask("memory://out", "a/b.jpg", mask, 3)
+    assert uri == "memory://out/masks/a/b.png"
+    with Image.open(stdio.BytesIO(io.read_bytes(uri))) as im:
+        np.testing.assert_array_equal(np.asarray(im), mask)
+
+
+def test_write_summary(tmp_path: Path) -> None:
+    write_summary(str(tmp_path), {"ok": 3, "classes": ["a", "b"]})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"ok": 3, "classes": ["a", "b"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
