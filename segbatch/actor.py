@@ -17,13 +17,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segbatch import sinks
+from segbatch import io, sinks
+from segbatch.components import count_components
 from segbatch.config import JobConfig
-from segbatch.loader import KIND_IMAGE, Batch, error_message, errors_in, errors_out
+from segbatch.loader import (
+    KIND_IMAGE,
+    KIND_SCENE,
+    KIND_VOLUME,
+    Batch,
+    error_message,
+    errors_in,
+    errors_out,
+)
 from segbatch.models import ModelInfo
 from segbatch.overlays import render_panels, save_panels
 from segbatch.predictor import Predictor
-from segbatch.stats import pixel_counts
+from segbatch.scenes import mask_palette, segment_raster, segment_volume
+from segbatch.stats import class_columns, pixel_counts
 
 
 def unpack_code(files: dict[str, bytes], name: str) -> str:
@@ -73,9 +83,15 @@ class SegmentActor:
                     results.append(exc)
             return results
 
-    def _write(self, index: int, rel_path: str, image: np.ndarray, mask: np.ndarray) -> str:
+    def _write(
+        self, index: int, rel_path: str, image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]
+    ) -> str:
         out = self.job.output.path
-        uri = sinks.write_mask(out, rel_path, mask, self.info.num_classes, self.options)
+        geo = meta.get("geo")
+        if geo is not None and geo["georeferenced"]:
+            uri = self._write_geotiff(rel_path, mask, geo)
+        else:
+            uri = sinks.write_mask(out, rel_path, mask, self.info.num_classes, self.options)
         if index < self.job.output.overlays:
             view = mask
             if image.shape[:2] != mask.shape:
@@ -86,31 +102,83 @@ class SegmentActor:
             sinks.write_overlay(out, rel_path, save_panels(panels), self.options)
         return uri
 
+    def _write_geotiff(self, rel_path: str, mask: np.ndarray, geo: dict[str, Any]) -> str:
+        from segbatch.geo import GeoTiffMaskWriter, geo_info_from_dict
+
+        info = geo_info_from_dict(geo)
+        uri = io.under_root(
+            io.join(self.job.output.path, sinks.MASKS_DIR), sinks.mask_rel_path(rel_path, ".tif")
+        )
+        height, width = mask.shape
+        with GeoTiffMaskWriter(
+            uri,
+            height,
+            width,
+            info,
+            mask.dtype.name,
+            self.job.output.nodata_value,
+            mask_palette(self.info.num_classes),
+            self.options,
+        ) as writer:
+            writer.write_block(0, 0, mask)
+        return uri
+
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["index"])
         k = self.info.num_classes
+        nodata_value = self.job.output.nodata_value
         errors = errors_in(batch["error"])
         counts = np.zeros((n, k), dtype=np.int64)
         nodata = np.zeros(n, dtype=np.int64)
+        widths = np.asarray(batch["width"], dtype=np.int64).copy()
+        heights = np.asarray(batch["height"], dtype=np.int64).copy()
         mask_paths: list[str | None] = [None] * n
-        extras: list[str] = [json.dumps({})] * n
+        extras: list[dict[str, Any]] = [{} for _ in range(n)]
+        metas = [json.loads(m) if isinstance(m, str) and m else {} for m in batch["meta"]]
 
         todo = [i for i in range(n) if batch["kind"][i] == KIND_IMAGE and errors[i] is None]
         images = [batch["image"][i] for i in todo]
-        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
+        sizes = [(int(heights[i]), int(widths[i])) for i in todo]
         futures: dict[int, Future[str]] = {}
         for i, result in zip(todo, self._segment(images, sizes), strict=True):
             if isinstance(result, BaseException):
                 errors[i] = f"inference failed: {error_message(result)}"
                 continue
-            counts[i] = pixel_counts(result, k)
+            valid = batch["valid"][i]
+            if valid.size:
+                result[~valid] = nodata_value
+                nodata[i] = int((~valid).sum())
+            counts[i] = pixel_counts(result, k, nodata_value)
+            extras[i] = self._extra_columns(metas[i], counts[i], result)
             futures[i] = self.pool.submit(
                 self._write,
                 int(batch["index"][i]),
                 str(batch["rel_path"][i]),
                 batch["image"][i],
                 result,
+                metas[i],
             )
+
+        for i in range(n):
+            kind = batch["kind"][i]
+            if errors[i] is not None or kind not in (KIND_SCENE, KIND_VOLUME):
+                continue
+            try:
+                uri, rel = str(batch["uri"][i]), str(batch["rel_path"][i])
+                if kind == KIND_SCENE:
+                    scene = segment_raster(self.predictor, uri, rel, self.job, self.info)
+                else:
+                    scene = segment_volume(
+                        self.predictor, uri, rel, self.job, self.info, self.batch_size
+                    )
+            except Exception as exc:
+                errors[i] = f"segmenting this {kind} failed: {error_message(exc)}"
+                continue
+            mask_paths[i] = scene.mask_uri
+            heights[i], widths[i] = scene.height, scene.width
+            counts[i], nodata[i] = scene.counts, scene.nodata_px
+            extras[i] = self._extra_columns({**metas[i], **scene.meta}, scene.counts, scene.mask)
+
         for i, fut in futures.items():
             try:
                 mask_paths[i] = fut.result()
@@ -119,14 +187,59 @@ class SegmentActor:
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "uri": np.asarray(batch["uri"], dtype=object),
-            "width": np.asarray(batch["width"], dtype=np.int64),
-            "height": np.asarray(batch["height"], dtype=np.int64),
+            "width": widths,
+            "height": heights,
             "error": errors_out(errors),
             "mask_path": np.array([m or "" for m in mask_paths], dtype=object),
             "counts": counts,
             "px_nodata": nodata,
-            "extra": np.array(extras, dtype=object),
+            "extra": np.array([json.dumps(e) for e in extras], dtype=object),
         }
+
+    def _extra_columns(
+        self, meta: dict[str, Any], counts: np.ndarray, mask: np.ndarray | None
+    ) -> dict[str, Any]:
+        """The optional Parquet columns of one row: geo, DICOM, volume and component counts."""
+        classes = self.info.classes
+        extra: dict[str, Any] = {}
+        geo = meta.get("geo")
+        if geo is not None:
+            from segbatch.geo import class_areas_m2, geo_columns, geo_info_from_dict
+
+            info = geo_info_from_dict(geo)
+            extra.update(geo_columns(info))
+            areas = class_areas_m2(counts, info)
+            if areas is not None:
+                extra.update(zip(class_columns(classes, "area_m2_"), areas.tolist(), strict=True))
+        dicom = meta.get("dicom")
+        if dicom is not None:
+            from segbatch.medical import area_mm2
+
+            ids = dicom["ids"]
+            number = ids.get("InstanceNumber")
+            extra.update(
+                {
+                    "study_instance_uid": ids.get("StudyInstanceUID"),
+                    "series_instance_uid": ids.get("SeriesInstanceUID"),
+                    "sop_instance_uid": ids.get("SOPInstanceUID"),
+                    "instance_number": int(number) if number is not None else None,
+                }
+            )
+            spacing = dicom.get("spacing_mm")
+            areas = area_mm2(counts, tuple(spacing)) if spacing else None
+            if areas is not None:
+                extra.update(zip(class_columns(classes, "area_mm2_"), areas.tolist(), strict=True))
+        if "volume_ml" in meta:
+            extra.update(zip(class_columns(classes, "volume_ml_"), meta["volume_ml"], strict=True))
+        wanted = self.job.stats.count_components
+        if wanted and mask is not None:
+            ids_by_name = {c: i for i, c in enumerate(classes)}
+            found = count_components(
+                mask, [ids_by_name[c] for c in wanted], self.job.stats.min_component_px
+            )
+            names = dict(zip(classes, class_columns(classes, "n_"), strict=True))
+            extra.update({names[c]: found[ids_by_name[c]] for c in wanted})
+        return extra
 
 
 def result_rows(batch: Batch, model: str, class_cols: list[str]) -> list[dict[str, Any]]:

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val = sub.add_parser("validate", help="check a job file without running it")
     _add_job_flags(val)
+    from segbatch.bench import add_arguments
+
+    add_arguments(sub.add_parser("bench", help="measure throughput on this machine (see docs)"))
     return parser
 
 
@@ -106,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(describe_models())
             return EXIT_OK
+        if args.command == "bench":
+            from segbatch import bench
+
+            return bench.main(args)
         job = load_from_args(args)
         from segbatch.pipeline import plan_job, run_job
 

@@ -108,6 +108,10 @@ class TilingConfig:
     overlap: float = 0.25
     blend: Literal["gaussian", "constant"] = "gaussian"
     batch_tiles: int = 8
+    # GeoTIFFs above this many pixels are not decoded whole: the actor reads them by windows,
+    # blends tiles column segment by column segment and writes the mask as it is produced.
+    stream_above_px: int = 4096 * 4096
+    segment_width_px: int = 4096
 
 
 @dataclass(frozen=True)

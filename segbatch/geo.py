@@ -441,3 +441,15 @@ class GeoTiffMaskWriter:
             self.close()
         else:
             self.abort()
+
+
+def geo_info_from_dict(data: dict[str, Any]) -> GeoInfo:
+    """The inverse of ``dataclasses.asdict(GeoInfo)``, after a trip through JSON."""
+    return GeoInfo(
+        crs=data["crs"],
+        transform=tuple(float(v) for v in data["transform"]),
+        bounds=tuple(float(v) for v in data["bounds"]),  # type: ignore[arg-type]
+        pixel_size=tuple(float(v) for v in data["pixel_size"]),  # type: ignore[arg-type]
+        units_m=bool(data["units_m"]),
+        georeferenced=bool(data["georeferenced"]),
+    )

@@ -7,14 +7,18 @@ decoding one file sets that row's ``error`` and leaves the rest of the batch unt
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from segbatch import io
+from segbatch.config import PreprocessConfig
 from segbatch.decode import decode_photo, resize_for_model
 from segbatch.errors import DecodeError, SegbatchError
 from segbatch.sources import extension_of
@@ -23,6 +27,10 @@ from segbatch.sources import extension_of
 # pass through as error rows.
 KIND_IMAGE = "image"
 KIND_ERROR = "error"
+# "scene": a GeoTIFF too large to decode whole, segmented by windows inside the actor;
+# "volume": a NIfTI volume or multi-frame DICOM, segmented slice by slice inside the actor.
+KIND_SCENE = "scene"
+KIND_VOLUME = "volume"
 
 Batch = dict[str, Any]
 
@@ -63,7 +71,7 @@ def read_batch(
     errors = errors_in(batch["error"])
 
     def read_one(i: int) -> bytes:
-        if errors[i] is not None:
+        if errors[i] is not None or reads_itself(uris[i]):
             return b""
         try:
             return io.read_bytes(uris[i], storage_options, retries)
@@ -79,55 +87,148 @@ def read_batch(
     return out
 
 
+def reads_itself(uri: str) -> bool:
+    """Inputs whose bytes are not read up front: GeoTIFFs (read by windows with rasterio, where
+    installed) and NIfTI volumes (read whole by the actor, which writes one mask per volume)."""
+    ext = extension_of(uri)
+    if ext in (".nii", ".nii.gz"):
+        return True
+    return ext in (".tif", ".tiff") and importlib.util.find_spec("rasterio") is not None
+
+
+@dataclass
+class Decoded:
+    """One decoded input: what the actor needs, per kind."""
+
+    kind: str
+    image: np.ndarray  # (h, w, C), possibly resized for the model; (0, 0, C) otherwise
+    height: int = -1  # the original size: the mask's
+    width: int = -1
+    valid: np.ndarray | None = None  # (height, width) bool, False at nodata
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 def decode_batch(
     batch: Batch,
     channels: int = 3,
     max_pixels: int = 89_478_485,
     resize: str | int | tuple[int, int] = "none",
+    pre: PreprocessConfig | None = None,
+    stream_above_px: int = 4096 * 4096,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Batch:
-    """Replace ``data`` by ``image`` ((H, W, C) arrays), ``kind``, ``width``, ``height``, ``meta``.
+    """Replace ``data`` by ``image``, ``valid``, ``kind``, ``width``, ``height``, ``meta``.
 
-    Images are resized for the model here, on the CPU, as torchvision's preset does on a PIL
-    image (so batches travel at the model's size); ``width``/``height`` stay the original size.
-    Rows that fail get an empty image of shape (0, 0, C) and their error message.
+    ``image``: (h, w, C) arrays, uint8 images resized for the model here, on the CPU, as
+    torchvision's preset does on a PIL image (so batches travel at the model's size);
+    ``width``/``height`` stay the original size. ``valid``: (H, W) bool, False at nodata, or
+    (0, 0). Large GeoTIFFs and volumes become ``scene``/``volume`` rows the actor reads itself.
+    Rows that fail get an empty image and their error message.
     """
+    pre = pre or PreprocessConfig()
     n = len(batch["uri"])
-    images: list[np.ndarray] = []
-    kinds: list[str] = []
-    widths: list[int] = []
-    heights: list[int] = []
-    metas: list[str] = []
+    empty_image = np.zeros((0, 0, channels), dtype=np.uint8)
+    decoded: list[Decoded] = []
     errors = errors_in(batch["error"])
     for i in range(n):
-        height = width = -1
-        image = np.zeros((0, 0, channels), dtype=np.uint8)
-        kind = KIND_ERROR
+        item = Decoded(KIND_ERROR, empty_image)
         if errors[i] is None:
             try:
-                image = decode_one(batch["data"][i], batch["uri"][i], channels, max_pixels)
-                height, width = image.shape[:2]
-                image = resize_for_model(image, resize)
-                kind = KIND_IMAGE
+                item = decode_one(
+                    batch["data"][i],
+                    str(batch["uri"][i]),
+                    channels,
+                    max_pixels,
+                    pre,
+                    stream_above_px,
+                    storage_options,
+                )
+                if item.kind == KIND_IMAGE:
+                    item.image = resize_for_model(item.image, resize)
             except Exception as exc:
                 errors[i] = error_message(exc)
-        images.append(image)
-        kinds.append(kind)
-        heights.append(int(height) if kind == KIND_IMAGE else -1)
-        widths.append(int(width) if kind == KIND_IMAGE else -1)
-        metas.append(json.dumps({}))
+                item = Decoded(KIND_ERROR, empty_image)
+        decoded.append(item)
     out = {k: v for k, v in batch.items() if k != "data"}
-    out["image"] = images
-    out["kind"] = np.array(kinds, dtype=object)
-    out["width"] = np.array(widths, dtype=np.int64)
-    out["height"] = np.array(heights, dtype=np.int64)
-    out["meta"] = np.array(metas, dtype=object)
+    no_valid = np.zeros((0, 0), dtype=bool)
+    out["image"] = [d.image for d in decoded]
+    out["valid"] = [d.valid if d.valid is not None else no_valid for d in decoded]
+    out["kind"] = np.array([d.kind for d in decoded], dtype=object)
+    out["width"] = np.array([d.width for d in decoded], dtype=np.int64)
+    out["height"] = np.array([d.height for d in decoded], dtype=np.int64)
+    out["meta"] = np.array([json.dumps(d.meta) for d in decoded], dtype=object)
     out["error"] = errors_out(errors)
     return out
 
 
-def decode_one(data: bytes, uri: str, channels: int, max_pixels: int) -> np.ndarray:
-    """One file's bytes -> (H, W, C) array, chosen by the file's extension."""
+def _fit_channels(image: np.ndarray, channels: int, what: str) -> np.ndarray:
+    """(H, W, C) -> (H, W, channels): one band is repeated for a 3-channel model, as grey is."""
+    if image.shape[2] == channels:
+        return image
+    if image.shape[2] == 1 and channels == 3:
+        return np.repeat(image, 3, axis=2)
+    raise DecodeError(
+        f"{what} has {image.shape[2]} bands but the model takes {channels} channels; choose "
+        "bands with preprocess.bands (1-based) or set model.in_channels"
+    )
+
+
+def decode_one(
+    data: bytes,
+    uri: str,
+    channels: int,
+    max_pixels: int,
+    pre: PreprocessConfig | None = None,
+    stream_above_px: int = 4096 * 4096,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Decoded:
+    """One input -> a Decoded row, chosen by the file's extension."""
+    pre = pre or PreprocessConfig()
     ext = extension_of(uri)
-    if ext in (".dcm", ".dicom", ".nii", ".nii.gz"):
-        raise DecodeError(f"{ext} inputs are not decoded by this stage")
-    return decode_photo(data, channels, max_pixels)
+    if ext in (".nii", ".nii.gz"):
+        return Decoded(KIND_VOLUME, np.zeros((0, 0, channels), dtype=np.uint8))
+    if ext in (".dcm", ".dicom"):
+        return _decode_dicom(data, channels, pre)
+    if ext in (".tif", ".tiff") and reads_itself(uri):
+        return _decode_raster(uri, channels, max_pixels, pre, stream_above_px, storage_options)
+    image = decode_photo(data, channels, max_pixels)
+    return Decoded(KIND_IMAGE, image, int(image.shape[0]), int(image.shape[1]))
+
+
+def _decode_dicom(data: bytes, channels: int, pre: PreprocessConfig) -> Decoded:
+    from segbatch.medical import apply_window, read_dicom, resolve_window
+
+    if not data:
+        raise DecodeError("file is empty (0 bytes)")
+    dicom = read_dicom(data)
+    meta: dict[str, Any] = {"dicom": {"ids": dicom.ids, "spacing_mm": dicom.pixel_spacing_mm}}
+    frames, height, width = dicom.frames.shape
+    if frames > 1:
+        # Multi-frame: the actor reads the file again and writes one mask per frame.
+        return Decoded(KIND_VOLUME, np.zeros((0, 0, channels), np.uint8), height, width, meta=meta)
+    window = resolve_window(pre.window)
+    image = apply_window(dicom.frames[0], window, invert=dicom.monochrome1)[:, :, None]
+    image = _fit_channels(image, channels, "this DICOM image")
+    return Decoded(KIND_IMAGE, image, height, width, meta=meta)
+
+
+def _decode_raster(
+    uri: str,
+    channels: int,
+    max_pixels: int,
+    pre: PreprocessConfig,
+    stream_above_px: int,
+    storage_options: Mapping[str, Any] | None,
+) -> Decoded:
+    from segbatch.geo import RasterScene
+
+    with RasterScene(uri, pre, dict(storage_options or {})) as scene:
+        meta = {"geo": dataclasses.asdict(scene.geo)}
+        if scene.count != channels and not (scene.count == 1 and channels == 3):
+            _fit_channels(np.zeros((1, 1, scene.count), np.uint8), channels, "this raster")
+        if scene.height * scene.width > stream_above_px:
+            empty = np.zeros((0, 0, channels), dtype=np.uint8)
+            return Decoded(KIND_SCENE, empty, scene.height, scene.width, meta=meta)
+        image, valid = scene.read_all()
+    image = _fit_channels(image, channels, "this raster")
+    return Decoded(KIND_IMAGE, image, image.shape[0], image.shape[1], valid, meta)

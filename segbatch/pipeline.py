@@ -55,6 +55,14 @@ def plan_job(job: JobConfig) -> Plan:
         from segbatch.errors import ConfigError
 
         raise ConfigError(f"model.code_path {job.model.code_path!r} does not exist")
+    unknown = [c for c in job.stats.count_components if c not in info.classes]
+    if unknown:
+        from segbatch.errors import ConfigError
+
+        raise ConfigError(
+            f"stats.count_components names {unknown}, not classes of this model; its classes: "
+            + ", ".join(info.classes)
+        )
     items = list_inputs(job.input, job.storage.options)
     return Plan(job=job, info=info, items=items)
 
@@ -204,6 +212,9 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
             "channels": info.in_channels,
             "max_pixels": job.input.max_image_pixels,
             "resize": info.resize,
+            "pre": job.preprocess,
+            "stream_above_px": job.tiling.stream_above_px,
+            "storage_options": options,
         },
         batch_size=read_rows,
         num_cpus=1,
@@ -223,7 +234,11 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     flags = _schema_flags(items)
     schema = sinks.results_schema(
-        info.classes, geo=flags["geo"], dicom=flags["dicom"], volumes=flags["volumes"]
+        info.classes,
+        geo=flags["geo"],
+        dicom=flags["dicom"],
+        volumes=flags["volumes"],
+        component_classes=job.stats.count_components,
     )
     class_cols = class_columns(info.classes)
     writer = sinks.ResultsWriter(out, schema, n, job.output.rows_per_file, options)
