@@ -122,9 +122,17 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def with_retries(
-    fn: Callable[[], T], retries: int = 5, base_delay_s: float = 0.2, max_delay_s: float = 10.0
+    fn: Callable[[], T],
+    retries: int = 5,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 10.0,
+    counter: RetryCounter | None = None,
 ) -> T:
-    """Call ``fn``, retrying transient storage errors with jittered exponential backoff."""
+    """Call ``fn``, retrying transient storage errors with jittered exponential backoff.
+
+    Each retry is counted in ``RETRIES`` (this process) and in ``counter`` when given (the caller's
+    own tally, e.g. the read stage's per-row count that travels to the summary).
+    """
     attempt = 0
     while True:
         try:
@@ -133,16 +141,24 @@ def with_retries(
             if attempt >= retries or not is_transient(exc):
                 raise
             RETRIES.add()
+            if counter is not None:
+                counter.add()
             delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random())
             time.sleep(delay)
             attempt += 1
 
 
 def read_bytes(
-    uri: str, storage_options: Mapping[str, Any] | None = None, retries: int = 5
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    retries: int = 5,
+    start: int | None = None,
+    end: int | None = None,
+    counter: RetryCounter | None = None,
 ) -> bytes:
+    """The bytes of ``uri``, or of its range ``[start, end)`` (one ranged GET on object stores)."""
     fs, path = get_fs(uri, storage_options)
-    data = with_retries(lambda: fs.cat_file(path), retries)
+    data = with_retries(lambda: fs.cat_file(path, start=start, end=end), retries, counter=counter)
     return bytes(data)
 
 

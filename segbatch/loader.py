@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from segbatch import io
+from segbatch import io, shards
 from segbatch.config import PreprocessConfig
 from segbatch.decode import decode_photo, resize_for_model
 from segbatch.errors import DecodeError, SegbatchError
@@ -62,29 +62,106 @@ def read_batch(
     storage_options: Mapping[str, Any] | None = None,
     retries: int = 5,
     threads: int = 8,
+    image_column: str = "image",
+    path_column: str = "path",
 ) -> Batch:
-    """Add a ``data`` column (file bytes; empty on error) to a batch of ``uri``/``error`` rows.
+    """Add ``data`` (file bytes; empty on error) and ``retries`` (int64: transient storage errors
+    retried while reading the row) to a batch of ``uri``/``error`` rows.
 
+    A ``uri`` of the form ``shard_uri#member`` is a member of a tar or Parquet shard: a tar
+    member is one range read; the rows of one Parquet shard are read together, each row group
+    once. Optional ``offset``/``size`` columns (-1 when unknown) give a member's location as
+    listed on the driver; without them the shard's index is looked up (and cached per process).
     Reads run in a few threads: object stores are latency-bound, not CPU-bound.
     """
-    uris = list(batch["uri"])
+    uris = [str(u) for u in batch["uri"]]
+    n = len(uris)
     errors = errors_in(batch["error"])
+    offsets = _int_column(batch, "offset", n)
+    sizes = _int_column(batch, "size", n)
+    counters = [io.RetryCounter() for _ in range(n)]
+    data: list[bytes] = [b""] * n
+    parquet_rows: dict[str, list[int]] = {}
+    singles: list[int] = []
+    for i, uri in enumerate(uris):
+        if errors[i] is not None:
+            continue
+        split = shards.split_member(uri)
+        if split is not None and shards.is_parquet(split[0]):
+            parquet_rows.setdefault(split[0], []).append(i)
+        elif split is not None or not reads_itself(uri):
+            singles.append(i)
 
-    def read_one(i: int) -> bytes:
-        if errors[i] is not None or reads_itself(uris[i]):
-            return b""
+    def read_one(i: int) -> None:
         try:
-            return io.read_bytes(uris[i], storage_options, retries)
+            split = shards.split_member(uris[i])
+            if split is None:
+                data[i] = io.read_bytes(uris[i], storage_options, retries, counter=counters[i])
+                return
+            shard_uri, name = split
+            offset, size = offsets[i], sizes[i]
+            if offset < 0 or size < 0:
+                member = _find_member(shard_uri, name, path_column, storage_options)
+                offset, size = member.offset, member.size or 0
+            data[i] = shards.read_tar_member(
+                shard_uri, offset, size, storage_options, retries, counters[i]
+            )
         except Exception as exc:
             errors[i] = error_message(exc)
-            return b""
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        data = list(pool.map(read_one, range(len(uris))))
+    def read_shard(shard_uri: str) -> None:
+        rows = parquet_rows[shard_uri]
+        try:
+            wanted: dict[int, int] = {}
+            for i in rows:
+                if offsets[i] >= 0:
+                    wanted[i] = offsets[i]
+                    continue
+                name = uris[i][len(shard_uri) + 1 :]
+                try:
+                    wanted[i] = _find_member(shard_uri, name, path_column, storage_options).offset
+                except FileNotFoundError as exc:
+                    errors[i] = error_message(exc)
+            if not wanted:
+                return
+            counter = io.RetryCounter()
+            got = shards.read_parquet_rows(
+                shard_uri, list(wanted.values()), image_column, storage_options, retries, counter
+            )
+            for i, row in wanted.items():
+                data[i] = got[row]
+            # A retried shard read is one storage call: it is counted once, on its first row.
+            counters[rows[0]].count += counter.count
+        except Exception as exc:
+            for i in rows:
+                errors[i] = errors[i] or error_message(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, n))) as pool:
+        jobs = [pool.submit(read_one, i) for i in singles]
+        jobs += [pool.submit(read_shard, s) for s in parquet_rows]
+        for job in jobs:
+            job.result()
     out = dict(batch)
     out["data"] = np.array([*data, b""], dtype=object)[:-1]  # keeps bytes objects intact
     out["error"] = errors_out(errors)
+    out["retries"] = np.array([c.count for c in counters], dtype=np.int64)
     return out
+
+
+def _int_column(batch: Batch, name: str, n: int) -> list[int]:
+    """An optional int column as a list; -1 (unknown) when absent or null."""
+    if name not in batch:
+        return [-1] * n
+    return [int(v) if v is not None and v == v else -1 for v in batch[name]]
+
+
+def _find_member(
+    shard_uri: str, name: str, path_column: str, storage_options: Mapping[str, Any] | None
+) -> shards.Member:
+    try:
+        return shards.SHARD_INDEX.lookup(shard_uri, name, path_column, storage_options)
+    except KeyError as exc:
+        raise FileNotFoundError(exc.args[0]) from None
 
 
 def reads_itself(uri: str) -> bool:

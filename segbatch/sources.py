@@ -1,20 +1,24 @@
 """Turning input URIs into an ordered list of inputs, before any Ray work starts.
 
 An input is a directory (searched recursively), a glob, a single file, or a manifest (``.txt``
-with one URI per line, ``.csv``/``.parquet`` with a path column). The order is deterministic: the
-inputs in the order given, each one's files sorted; a URI listed twice is kept once.
+with one URI per line, ``.csv``/``.parquet`` with a path column). Shards found among them
+(``.tar`` files, ``.parquet`` files holding ``input.image_column``) are expanded into one input
+per member, named ``shard_uri#member`` (see ``shards.py``). The order is deterministic: the
+inputs in the order given, each one's files sorted, each shard's members in stored order; a URI
+listed twice is kept once.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io as stdio
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from segbatch import io
+from segbatch import io, shards
 from segbatch.config import InputConfig
 from segbatch.errors import ConfigError, InputNotFoundError
 
@@ -34,6 +38,10 @@ class InputItem:
     uri: str
     rel_path: str
     error: str | None = None  # set when the file is known to be unusable before reading
+    # Shard members: where the bytes are (tar: byte offset and size of the member's data;
+    # Parquet: offset is the row number, size None). None for plain files.
+    offset: int | None = None
+    size: int | None = None
 
 
 def extension_of(uri: str) -> str:
@@ -117,6 +125,64 @@ def _normalize(uri: str) -> str:
     return posixpath.normpath(uri)
 
 
+def _is_parquet_shard(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> bool:
+    """A .parquet file is a shard with input.format parquet, or (auto) when it holds the image
+    column; otherwise it is a manifest."""
+    if cfg.format == "parquet":
+        return True
+    if cfg.format != "auto":
+        return False
+    return cfg.image_column in shards.parquet_columns(uri, options)
+
+
+def _shard_items(
+    uri: str, rel: str, cfg: InputConfig, options: Mapping[str, Any]
+) -> list[InputItem]:
+    """One item per member of a tar or Parquet shard."""
+    if shards.is_tar(uri):
+        items = []
+        for m in shards.list_tar(uri, options):
+            item = _item(shards.member_uri(uri, m.name), shards.member_rel_path(rel, m.name))
+            if item.error is None and extension_of(m.name) in (".nii", ".nii.gz"):
+                item = dataclasses.replace(
+                    item, error="NIfTI volumes inside shards are not supported; store them as files"
+                )
+            items.append(dataclasses.replace(item, offset=m.offset, size=m.size))
+        return items
+    members = shards.list_parquet(uri, cfg.image_column, cfg.path_column, options)
+    return [
+        InputItem(
+            shards.member_uri(uri, m.name), shards.member_rel_path(rel, m.name), offset=m.offset
+        )
+        for m in members
+    ]
+
+
+def _file_items(
+    uri: str, rel: str, cfg: InputConfig, options: Mapping[str, Any], listed: bool
+) -> list[InputItem]:
+    """The items of one file found in a listing (``listed``) or named in a manifest.
+
+    Tars are shards unless input.format is files; a .parquet found in a listing is a shard when
+    ``_is_parquet_shard`` says so; a ``shard_uri#member`` entry is that member alone.
+    """
+    member = shards.split_member(uri)
+    if member is not None:
+        shard_rel = shards.split_member(rel)
+        return [_item(uri, shards.member_rel_path(shard_rel[0] if shard_rel else rel, member[1]))]
+    if shards.is_tar(uri) and cfg.format != "files":
+        return _shard_items(uri, rel, cfg, options)
+    if shards.is_parquet(uri) and listed and _is_parquet_shard(uri, cfg, options):
+        return _shard_items(uri, rel, cfg, options)
+    return [_item(uri, rel)]
+
+
+def _shard_of(path: str) -> str:
+    """The shard part of ``shard#member``; any other path unchanged."""
+    member = shards.split_member(path)
+    return member[0] if member is not None else path
+
+
 def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[InputItem]:
     fs, path = io.get_fs(uri, options)
     if any(c in path for c in _GLOB_CHARS) and not fs.exists(path):
@@ -127,10 +193,17 @@ def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[Inpu
         if not matches:
             raise InputNotFoundError(f"{io.redact(uri)}: the pattern matched no file")
         return [
-            _item(io.full_uri(fs, p), _relative(p, root))
+            item
             for p in matches
             if not _is_sidecar(p) and not _is_hidden(_relative(p, root))
+            for item in _file_items(io.full_uri(fs, p), _relative(p, root), cfg, options, True)
         ]
+    member = shards.split_member(uri)
+    if member is not None:
+        # A shard member named directly: the shard must exist; the member is checked on read.
+        if not io.exists(member[0], options):
+            raise InputNotFoundError(f"{io.redact(member[0])} does not exist; check the path")
+        return [_item(uri, shards.member_rel_path(member[0].rsplit("/", 1)[-1], member[1]))]
     if not fs.exists(path):
         raise InputNotFoundError(
             f"{io.redact(uri)} does not exist; check the path (and storage.options for cloud URIs)"
@@ -142,18 +215,27 @@ def _expand(uri: str, cfg: InputConfig, options: Mapping[str, Any]) -> list[Inpu
             rel = _relative(p, path)
             if _is_hidden(rel) or _is_sidecar(p):
                 continue
-            items.append(_item(io.full_uri(fs, p), rel))
+            items.extend(_file_items(io.full_uri(fs, p), rel, cfg, options, True))
         return items
-    if extension_of(path) in MANIFEST_EXTENSIONS:
+    if extension_of(path) in MANIFEST_EXTENSIONS and not (
+        shards.is_parquet(path) and _is_parquet_shard(uri, cfg, options)
+    ):
         entries = _read_manifest(uri, cfg, options)
         base = uri.rsplit("/", 1)[0] if "/" in uri else "."
         uris = [
             _normalize(e if "://" in e or e.startswith("/") else io.join(base, e)) for e in entries
         ]
         stripped = [u.split("://", 1)[-1] for u in uris]
-        root = _common_dir(stripped)
-        return [_item(u, _relative(s, root)) for u, s in zip(uris, stripped, strict=True)]
-    return [_item(io.full_uri(fs, path), path.rsplit("/", 1)[-1])]
+        root = _common_dir([_shard_of(s) for s in stripped])
+        return [
+            item
+            for u, s in zip(uris, stripped, strict=True)
+            for item in _file_items(u, _relative(s, root), cfg, options, False)
+        ]
+    name = path.rsplit("/", 1)[-1]
+    if shards.is_parquet(path):  # not a manifest: a Parquet shard
+        return _shard_items(io.full_uri(fs, path), name, cfg, options)
+    return _file_items(io.full_uri(fs, path), name, cfg, options, False)
 
 
 def _stem(rel: str) -> str:
@@ -172,7 +254,7 @@ def _unique_rel(items: list[InputItem]) -> list[InputItem]:
         if key in seen:
             seen[key] += 1
             stem, ext = posixpath.splitext(item.rel_path)
-            item = InputItem(item.uri, f"{stem}~{seen[key]}{ext}", item.error)
+            item = dataclasses.replace(item, rel_path=f"{stem}~{seen[key]}{ext}")
         else:
             seen[key] = 0
         out.append(item)
