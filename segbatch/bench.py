@@ -142,19 +142,19 @@ def _model_inputs(paths: Sequence[Path], info: Any) -> list[np.ndarray]:
     """Decoded and resized ``(h, w, C)`` uint8 arrays, as segbatch's decode stage makes them."""
     from segbatch.decode import decode_photo, resize_for_model
 
-    return [resize_for_model(decode_photo(p.read_bytes(), info.in_channels), info.resize) for p in paths]
+    return [
+        resize_for_model(decode_photo(p.read_bytes(), info.in_channels), info.resize) for p in paths
+    ]
 
 
 def model_only(cfg: BenchConfig, job: Any, info: Any, arrays: Sequence[np.ndarray]) -> list[float]:
     """Images/s of forward + argmax over pre-made ``(B, C, h, w)`` batches on the device."""
     import torch
 
-    from segbatch.config import InferenceConfig
     from segbatch.predictor import Predictor
 
     batch_size = cfg.batch_size or 1
-    inference = InferenceConfig(device=cfg.device, threads_per_worker=None)
-    predictor = Predictor(info, inference, job.tiling)
+    predictor = Predictor(info, job.inference, job.tiling)
     with torch.inference_mode():
         batches = [
             predictor.prepare(np.stack(arrays[i : i + batch_size]))
@@ -356,11 +356,14 @@ def run_bench(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         "host": _host(),
         "stages_ms_per_image": stage_times(info, paths, arrays),
     }
+    log.info("bench: %d images in %s; stages: %s", cfg.count, images, result["stages_ms_per_image"])
     if "model_only" in cfg.cases:
         result["model_only"] = {"images_per_s": spread(model_only(cfg, job, info, arrays))}
+        log.info("bench: model only %s", result["model_only"]["images_per_s"])
     if "plain_loop" in cfg.cases:
         rates = plain_loop(cfg, info, paths, work / "plain")
         result["plain_loop"] = {"images_per_s": spread(rates)}
+        log.info("bench: plain loop %s", result["plain_loop"]["images_per_s"])
     if "end_to_end" in cfg.cases:
         ray_init_s = _init_ray()
         e2e = end_to_end(cfg, images, work)
@@ -555,8 +558,8 @@ def format_memory(result: dict[str, Any]) -> str:
             f"range after 20% of images {rss['growth_after_20pct']}",
             f"driver RSS MiB by images done: {tenths}",
             f"object store MiB: max used (sampled) {store['max_used_sampled']} of "
-            f"{store['capacity']}, spilled {store['spilled']} ({store['spilled_objects']} objects), "
-            f"fallback mmap {store['fallback_mmap']}",
+            f"{store['capacity']}, spilled {store['spilled']} "
+            f"({store['spilled_objects']} objects), fallback mmap {store['fallback_mmap']}",
         ]
     )
 

@@ -216,7 +216,10 @@ def write_bytes_atomic(
     ):
         local = path
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        # A hidden name: Parquet readers (pyarrow, Spark) skip files starting with '.', so a
+        # temp file left by a killed process is never read as results.
+        folder, name = os.path.split(local)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -232,6 +235,19 @@ def write_bytes_atomic(
         fs.pipe_file(path, data)
 
     with_retries(put, retries)
+
+
+def remove_stale_temps(uri: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Delete temp files a killed run left below a local folder; returns how many."""
+    if not is_local(uri):
+        return 0  # object store writes are single PUTs: nothing is left half-written
+    fs, path = get_fs(uri, storage_options)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.find(path) if re.search(r"/\.[^/]*\.tmp-[0-9a-f]{8}$", p)]
+    for p in stale:
+        fs.rm_file(p)
+    return len(stale)
 
 
 def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:

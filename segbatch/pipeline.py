@@ -167,6 +167,17 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     options = job.storage.options
     sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
 
+    todo = None
+    if job.output.resume:
+        _check_resumable(job, info)
+        todo = ~sinks.read_done(out, [it.uri for it in items], options)
+        log.warning(
+            "resuming: %d of %d inputs already have an ok row; running %d",
+            len(items) - int(todo.sum()),
+            len(items),
+            int(todo.sum()),
+        )
+
     _init_ray(job)
     resources = ray.cluster_resources()
     inference = resolve_inference(job.inference, resources.get("CPU", 1), resources.get("GPU", 0))
@@ -195,10 +206,12 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     rows_in = [
         {"index": i, "uri": it.uri, "rel_path": it.rel_path, "error": it.error or ""}
         for i, it in enumerate(items)
+        if todo is None or todo[i]
     ]
+    n_todo = len(rows_in)
     read_rows = 16
     ds: Any = ray.data.from_items(
-        rows_in, override_num_blocks=max(1, min(n, math.ceil(n / read_rows)))
+        rows_in, override_num_blocks=max(1, min(n_todo, math.ceil(n_todo / read_rows)))
     )
     ds = ds.map_batches(
         read_batch,
@@ -241,14 +254,15 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         component_classes=job.stats.count_components,
     )
     class_cols = class_columns(info.classes)
-    writer = sinks.ResultsWriter(out, schema, n, job.output.rows_per_file, options)
+    writer = sinks.ResultsWriter(out, schema, n, job.output.rows_per_file, options, todo)
     totals = Totals(info.num_classes)
     first_result_s: float | None = None
     last_log = time.perf_counter()
     stopped_early: str | None = None
     import numpy as np
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy") if n_todo else []
+    for batch in batches:
         if first_result_s is None:
             first_result_s = time.perf_counter() - started
         for row in result_rows(batch, info.name, class_cols):
@@ -260,18 +274,22 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
                 totals.add_error(row["error"])
         now = time.perf_counter()
         if now - last_log >= PROGRESS_EVERY_S:
-            _log_progress(totals, n, now - started)
+            _log_progress(totals, n_todo, now - started)
             last_log = now
         if (
-            totals.done >= min(n, EARLY_STOP_MIN_DONE)
+            totals.done >= min(n_todo, EARLY_STOP_MIN_DONE)
             and totals.error_fraction > job.max_error_fraction
-            and totals.done < n
+            and totals.done < n_todo
         ):
             stopped_early = totals.most_common_error()
             break
     writer.close()
     wall_s = time.perf_counter() - started
+    run_done = totals.done
+    # The summary counts what the output holds: the same for a resumed run as for one in one go.
+    totals = sinks.read_totals(out, info.classes, options)
     summary = _summary(job, info, totals, n, wall_s, first_result_s, stopped_early)
+    summary["this_run"] = {"inputs_run": run_done, "inputs_skipped": n - n_todo}
     sinks.write_summary(out, summary, options)
     _print_table(summary)
     if stopped_early is not None:
@@ -294,6 +312,34 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         )
         return 1
     return 0
+
+
+def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
+    """--resume continues the same job: the model and preprocessing must match OUT/job.yaml."""
+    import yaml
+
+    from segbatch.config import to_dict
+    from segbatch.errors import ConfigError
+
+    uri = io.join(job.output.path, sinks.JOB_FILE)
+    if not io.exists(uri, job.storage.options):
+        return
+    before = yaml.safe_load(io.read_bytes(uri, job.storage.options))
+    now = to_dict(
+        dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
+    )
+    for key in ("name", "weights", "classes"):
+        if before.get("model", {}).get(key) != now[key]:
+            raise ConfigError(
+                f"--resume: model.{key} is {now[key]!r} but the first run used "
+                f"{before.get('model', {}).get(key)!r} ({io.redact(uri)}); resume with the same "
+                "model, or write to a new output"
+            )
+    if before.get("preprocess") != to_dict(job.preprocess):
+        raise ConfigError(
+            f"--resume: preprocess differs from the first run ({io.redact(uri)}); resume with the "
+            "same preprocessing, or write to a new output"
+        )
 
 
 def _log_progress(totals: Totals, n: int, elapsed_s: float) -> None:

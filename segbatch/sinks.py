@@ -25,7 +25,7 @@ from PIL import Image
 from segbatch import io
 from segbatch.errors import OutputExistsError
 from segbatch.overlays import flat_palette
-from segbatch.stats import class_columns
+from segbatch.stats import Totals, class_columns
 
 MASKS_DIR = "masks"
 RESULTS_DIR = "results"
@@ -153,7 +153,10 @@ def prepare_output(
     if not fs.isdir(path):
         raise OutputExistsError(f"output {io.redact(out_root)} is a file; give a folder")
     entries = fs.ls(path, detail=False)
-    if not entries or resume:
+    if resume:
+        io.remove_stale_temps(out_root, storage_options)
+        return
+    if not entries:
         return
     if not overwrite:
         raise OutputExistsError(
@@ -176,7 +179,9 @@ class ResultsWriter:
 
     Input ``i`` belongs to part ``i // rows_per_file``: file names depend only on the input
     order, so a rerun overwrites rather than duplicates. A part is written (atomically) as soon
-    as all its rows have arrived; rows may arrive in any order.
+    as all the rows it waits for have arrived; rows may arrive in any order, and a row that
+    arrives twice (a retried task) is kept once. On resume, ``todo`` lists the inputs being
+    run: a part keeps the ok rows of its previous file for the inputs not run again.
     """
 
     def __init__(
@@ -186,38 +191,48 @@ class ResultsWriter:
         total: int,
         rows_per_file: int,
         storage_options: Mapping[str, Any] | None = None,
-        expected: Mapping[int, int] | None = None,
+        todo: np.ndarray | None = None,
     ) -> None:
         self.out_root = out_root
         self.schema = schema
         self.rows_per_file = rows_per_file
         self.storage_options = storage_options
         self.total = total
-        self.pending: dict[int, list[Mapping[str, Any]]] = {}
-        self.expected = dict(expected) if expected is not None else self._full_parts(total)
+        self.resuming = todo is not None
+        todo_idx = np.arange(total) if todo is None else np.flatnonzero(todo)
+        parts, counts = np.unique(todo_idx // rows_per_file, return_counts=True)
+        self.expected = {int(p): int(c) for p, c in zip(parts, counts, strict=True)}
+        self.pending: dict[int, dict[int, Mapping[str, Any]]] = {}
         self.written: list[str] = []
-
-    def _full_parts(self, total: int) -> dict[int, int]:
-        parts: dict[int, int] = {}
-        for part in range(0, (total + self.rows_per_file - 1) // self.rows_per_file):
-            start = part * self.rows_per_file
-            parts[part] = min(self.rows_per_file, total - start)
-        return parts
 
     def part_uri(self, part: int) -> str:
         return io.join(self.out_root, RESULTS_DIR, f"part-{part:05d}.parquet")
 
     def add(self, row: Mapping[str, Any]) -> None:
-        part = int(row["index"]) // self.rows_per_file
-        rows = self.pending.setdefault(part, [])
-        rows.append(row)
+        index = int(row["index"])
+        part = index // self.rows_per_file
+        rows = self.pending.setdefault(part, {})
+        rows[index] = row
         if len(rows) >= self.expected.get(part, self.rows_per_file):
             self._write(part)
 
+    def _previous_rows(self, part: int, replaced: set[int]) -> list[dict[str, Any]]:
+        """Ok rows of the part's previous file, for inputs this run did not redo."""
+        uri = self.part_uri(part)
+        if not self.resuming or not io.exists(uri, self.storage_options):
+            return []
+        with io.open_file(uri, "rb", self.storage_options) as fh:
+            table = pq.read_table(fh)
+        return [
+            r for r in table.to_pylist() if r["status"] == "ok" and int(r["index"]) not in replaced
+        ]
+
     def _write(self, part: int) -> None:
-        rows = sorted(self.pending.pop(part, []), key=lambda r: int(r["index"]))
-        if not rows:
+        new = self.pending.pop(part, {})
+        if not new:
             return
+        rows = [*self._previous_rows(part, set(new)), *new.values()]
+        rows.sort(key=lambda r: int(r["index"]))
         table = table_from_rows(rows, self.schema)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
@@ -229,6 +244,67 @@ class ResultsWriter:
         """Write every part still pending (parts that lost rows to an early stop)."""
         for part in sorted(self.pending):
             self._write(part)
+
+
+def result_parts(out_root: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    return [
+        u
+        for u in io.list_files(io.join(out_root, RESULTS_DIR), storage_options)
+        if u.endswith(".parquet")
+    ]
+
+
+def read_done(
+    out_root: str, paths: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """(N,) bool: inputs with an ok row in OUT/results, for --resume.
+
+    One bit per input (a million done inputs cost 1 MB); only the ``index``, ``path`` and
+    ``status`` columns are read. A row whose path differs from the input now at its index
+    means the input list changed: resuming would mix two jobs, so it is refused.
+    """
+    done = np.zeros(len(paths), dtype=bool)
+    for uri in result_parts(out_root, storage_options):
+        with io.open_file(uri, "rb", storage_options) as fh:
+            table = pq.read_table(fh, columns=["index", "path", "status"])
+        for index, path, status in zip(
+            table.column("index").to_pylist(),
+            table.column("path").to_pylist(),
+            table.column("status").to_pylist(),
+            strict=True,
+        ):
+            if index >= len(paths) or paths[index] != path:
+                raise OutputExistsError(
+                    f"--resume: {io.redact(uri)} has a row for input {index} ({path!r}) that is "
+                    "not this job's input at that position; the input list changed since the "
+                    "first run. Resume with the same inputs, or start a new output."
+                )
+            done[index] = status == "ok"
+    return done
+
+
+def read_totals(
+    out_root: str, classes: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> Totals:
+    """Job-wide totals from the written Parquet parts: what the job's outputs say, whether it
+    ran in one go or was resumed."""
+    cols = class_columns(classes)
+    totals = Totals(len(classes))
+    for uri in result_parts(out_root, storage_options):
+        with io.open_file(uri, "rb", storage_options) as fh:
+            table = pq.read_table(fh, columns=["status", "error", "px_nodata", *cols])
+        status = table.column("status").to_pylist()
+        errors = table.column("error").to_pylist()
+        nodata = table.column("px_nodata").to_pylist()
+        counts = np.stack(
+            [table.column(c).fill_null(0).to_numpy().astype(np.int64) for c in cols], axis=1
+        )
+        for i, st in enumerate(status):
+            if st == "ok":
+                totals.add_ok(counts[i], int(nodata[i] or 0))
+            else:
+                totals.add_error(str(errors[i]))
+    return totals
 
 
 def write_summary(

@@ -1,0 +1,169 @@
+"""--resume after a kill -9 of the driver: every input exactly once, masks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from segbatch.config import load_job
+from segbatch.models import ModelInfo, build_net
+from segbatch.pipeline import run_job
+from tests.conftest import PHOTOS, REPO
+
+
+def make_inputs(root: Path, n: int) -> list[Path]:
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(PHOTOS.glob("*.png"))]
+    paths = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        y, x = int(rng.integers(0, im.shape[0] - 160)), int(rng.integers(0, im.shape[1] - 200))
+        path = root / f"img_{i:03d}.jpg"
+        Image.fromarray(im[y : y + 160, x : x + 200]).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def unet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    info = ModelInfo(
+        name="unet",
+        weights="none",
+        classes=("a", "b", "c"),
+        in_channels=3,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        resize="none",
+        pad_to_multiple=4,
+        unet_depth=2,
+        unet_base_channels=8,
+    )
+    path = tmp_path_factory.mktemp("w") / "unet.pt"
+    torch.save(build_net(info).state_dict(), path)
+    return str(path)
+
+
+def args(inputs: Path, out: Path, ckpt: str) -> list[str]:
+    return [
+        "--input", str(inputs), "--output", str(out), "--model", "unet", "--weights", ckpt,
+        "--device", "cpu", "--batch-size", "1",
+        "--set", "model.num_classes=3", "--set", "model.unet.depth=2",
+        "--set", "model.unet.base_channels=8", "--set", "output.rows_per_file=5",
+        "--set", "output.overlays=0",
+    ]  # fmt: skip
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    return pq.read_table(out / "results").to_pylist()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_kill_driver_then_resume_is_exactly_once(tmp_path: Path, unet_checkpoint: str) -> None:
+    inputs = tmp_path / "in"
+    make_inputs(inputs, 60)
+    # The reference: one uninterrupted run.
+    ref_out = tmp_path / "ref"
+    ref_argv = args(inputs, ref_out, unet_checkpoint)
+    from segbatch.cli import build_parser, load_from_args
+
+    assert run_job(load_from_args(build_parser().parse_args(["run", *ref_argv]))) == 0
+    reference = json.loads((ref_out / "summary.json").read_text())
+
+    # A driver killed with SIGKILL once some parts are written.
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segbatch", "run", *args(inputs, out, unet_checkpoint)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        masks = list((out / "masks").glob("*.png")) if (out / "masks").exists() else []
+        if len(masks) >= 20:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(rows(out)) if list((out / "results").glob("*.parquet")) else 0
+
+    # A half-written mask would be a temp file, never a final name: every mask must decode.
+    for mask in (out / "masks").glob("*.png"):
+        Image.open(mask).load()
+
+    resumed = [*args(inputs, out, unet_checkpoint), "--resume"]
+    assert run_job(load_from_args(build_parser().parse_args(["run", *resumed]))) == 0
+    final = rows(out)
+    assert sorted(r["index"] for r in final) == list(range(60))
+    assert all(r["status"] == "ok" for r in final)
+    for r in final:
+        mask = np.asarray(Image.open(r["mask_path"]))
+        assert mask.shape == (r["height"], r["width"])
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("images", "pixels", "fractions", "classes"):
+        assert summary[key] == reference[key], key
+    assert summary["this_run"]["inputs_skipped"] == done_before
+    # Same results as the uninterrupted run, row for row.
+    ref_rows = {r["index"]: r for r in rows(ref_out)}
+    for r in final:
+        assert r["px_class_0"] == ref_rows[r["index"]]["px_class_0"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resume_retries_error_rows_and_skips_ok(tmp_path: Path, unet_checkpoint: str) -> None:
+    inputs = tmp_path / "in"
+    paths = make_inputs(inputs, 6)
+    good = paths[2].read_bytes()
+    paths[2].write_bytes(b"broken")
+    out = tmp_path / "out"
+    from segbatch.cli import build_parser, load_from_args
+
+    first = load_from_args(build_parser().parse_args(["run", *args(inputs, out, unet_checkpoint)]))
+    assert run_job(first) == 0
+    assert [r["status"] for r in rows(out)].count("error") == 1
+    mtime = (out / "masks" / "img_000.png").stat().st_mtime_ns
+    paths[2].write_bytes(good)  # the user fixes the file
+    argv = ["run", *args(inputs, out, unet_checkpoint), "--resume"]
+    assert run_job(load_from_args(build_parser().parse_args(argv))) == 0
+    final = rows(out)
+    assert sorted(r["index"] for r in final) == list(range(6))
+    assert all(r["status"] == "ok" for r in final)
+    # An ok input is not read or written again.
+    assert (out / "masks" / "img_000.png").stat().st_mtime_ns == mtime
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"]["ok"] == 6 and summary["this_run"]["inputs_run"] == 1
+
+
+def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.yaml").write_text("model:\n  name: unet\n  weights: none\n  classes: [a, b]\n")
+    job = load_job(
+        None,
+        {
+            "input.paths": [str(PHOTOS)],
+            "output.path": str(out),
+            "output.resume": True,
+            "model.name": "lraspp_mobilenet_v3_large",
+            "model.weights": "none",
+        },
+    )
+    from segbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.name"):
+        run_job(job)
