@@ -5,12 +5,14 @@
     .venv/bin/python scripts/cluster_smoke.py --no-kill       # only the plain multi-node run
     .venv/bin/python scripts/cluster_smoke.py --images 400 --keep /tmp/smoke
 
-The head (2 CPUs: the driver, reading and decoding) and two worker nodes (1 CPU each, custom
-resource ``worker_node``) are separate ``ray start --block`` processes, each in its own session,
+The head (the driver and 1 CPU) and two worker nodes (1 CPU each, custom resource
+``worker_node``) are separate ``ray start --block`` processes, each in its own session,
 with private ports, a private temp dir and a private token (Ray 2.60 turns token authentication
 on for new clusters). The job goes through the Ray Jobs API of the head's dashboard
-(``segbatch run ... --address auto``). Then, on the same cluster, a second job during which one
-worker node that hosts an inference actor is killed with SIGKILL. Each job must produce one ok
+(``segbatch run ... --address auto``), with an autoscaling pool of 2 to 3 inference actors: one
+CPU per actor and per node, so at least two nodes run actors. Then, on the same cluster, a second
+job with 2 actors during which a worker node that hosts one is killed with SIGKILL (the actor
+restarts on the CPU that the 3-actor pool would otherwise have taken). Each job must produce one ok
 row and one mask per input, no more, no less; the inference actors must have run on more than
 one node.
 
@@ -54,6 +56,9 @@ OBJECT_STORE_BYTES = 400 * 1024 * 1024
 START_TIMEOUT_S = 90.0
 JOB_TIMEOUT_S = 240.0
 POLL_S = 1.0
+# Kill a worker node once this many masks exist (the job is under way) and one of its actors is
+# alive; the actor on a worker node often starts last, so waiting for a larger count can miss it.
+KILL_AFTER_MASKS = 10
 
 
 def free_ports(n: int) -> list[int]:
@@ -125,7 +130,7 @@ class LocalCluster:
     """
 
     root: Path
-    head_cpus: int = 2
+    head_cpus: int = 1
     worker_cpus: int = 1
     nodes: list[Node] = field(default_factory=list)
     gcs_port: int = 0
@@ -310,11 +315,21 @@ class JobRun:
     submission_id: str
     status: str
     elapsed_s: float
-    actor_nodes: dict[str, str]  # actor id -> node id, this job's inference actors
+    # (actor id, node id) of every placement of this job's inference actors: a restarted actor
+    # appears once per node it ran on.
+    placements: set[tuple[str, str]]
     logs: str
     killed_node: str | None = None
     killed_at_s: float | None = None
     killed_at_masks: int | None = None
+
+    @property
+    def actors(self) -> set[str]:
+        return {actor for actor, _ in self.placements}
+
+    @property
+    def actor_nodes(self) -> set[str]:
+        return {node for _, node in self.placements}
 
 
 def entrypoint(inputs: Path, out: Path, workers: str) -> str:
@@ -363,8 +378,8 @@ def run_job(
         entrypoint=entrypoint(inputs, out, workers),
         runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}},
     )
-    actor_nodes: dict[str, str] = {}
-    run = JobRun(submission_id, "", 0.0, actor_nodes, "")
+    placements: set[tuple[str, str]] = set()
+    run = JobRun(submission_id, "", 0.0, placements, "")
     workers_by_id = {n.node_id: n for n in cluster.nodes if n.name != "head"}
     while True:
         status = client.get_job_status(submission_id)
@@ -378,7 +393,7 @@ def run_job(
         except Exception:  # the state API times out now and then on a busy two-core machine
             listed = {}
         actors = {k: v for k, v in listed.items() if k not in earlier}
-        actor_nodes.update({k: node_id for k, (node_id, _) in actors.items()})
+        placements.update((k, node_id) for k, (node_id, _) in actors.items())
         if kill_after_masks is not None and run.killed_node is None:
             masks = sum(1 for _ in (out / "masks").rglob("*.png"))
             alive_on = [workers_by_id.get(n) for n, state in actors.values() if state == "ALIVE"]
@@ -393,7 +408,7 @@ def run_job(
     run.status = str(status.value)
     with contextlib.suppress(Exception):
         final = cluster.inference_actors()
-        actor_nodes.update({k: v[0] for k, v in final.items() if k not in earlier})
+        placements.update((k, v[0]) for k, v in final.items() if k not in earlier)
     run.logs = client.get_job_logs(submission_id)
     return run
 
@@ -434,17 +449,18 @@ def main(argv: list[str] | None = None) -> int:
         inputs = make_images(cluster.root / "inputs", args.images)
         scenarios = [("multi_node", None)]
         if not args.no_kill:
-            scenarios.append(("worker_killed", args.images // 4))
+            scenarios.append(("worker_killed", KILL_AFTER_MASKS))
         failed = False
         for name, kill_after in scenarios:
             out = cluster.root / f"out-{name}"
-            run = run_job(cluster, cluster.root / "inputs", out, kill_after_masks=kill_after)
+            workers = "[2,3]" if kill_after is None else "2"
+            run = run_job(cluster, cluster.root / "inputs", out, workers, kill_after)
             (cluster.root / f"job-{name}.log").write_text(run.logs)
             entry: dict[str, Any] = {
                 "status": run.status,
                 "submit_to_end_s": round(run.elapsed_s, 1),
-                "inference_actors": len(run.actor_nodes),
-                "actor_nodes": len(set(run.actor_nodes.values())),
+                "inference_actors": len(run.actors),
+                "actor_nodes": len(run.actor_nodes),
                 "progress_lines": sum("progress:" in line for line in run.logs.splitlines()),
             }
             if kill_after is not None:
@@ -455,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             try:
                 assert run.status == "SUCCEEDED", run.logs[-3000:]
-                assert len(set(run.actor_nodes.values())) > 1, f"actors: {run.actor_nodes}"
+                assert len(run.actor_nodes) > 1, f"actor placements: {run.placements}"
                 if kill_after is not None:
                     assert run.killed_node is not None, "no worker node was killed"
                 entry.update(check_output(out, inputs))

@@ -194,6 +194,9 @@ class SegmentActor:
             "counts": counts,
             "px_nodata": nodata,
             "extra": np.array([json.dumps(e) for e in extras], dtype=object),
+            "retries": np.asarray(batch["retries"], dtype=np.int64)
+            if "retries" in batch
+            else np.zeros(n, dtype=np.int64),
         }
 
     def _extra_columns(

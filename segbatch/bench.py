@@ -147,8 +147,13 @@ def _model_inputs(paths: Sequence[Path], info: Any) -> list[np.ndarray]:
     ]
 
 
-def model_only(cfg: BenchConfig, job: Any, info: Any, arrays: Sequence[np.ndarray]) -> list[float]:
-    """Images/s of forward + argmax over pre-made ``(B, C, h, w)`` batches on the device."""
+def model_only(
+    cfg: BenchConfig, job: Any, info: Any, arrays: Sequence[np.ndarray]
+) -> Callable[[], float]:
+    """A pass over pre-made ``(B, C, h, w)`` batches on the device: forward + argmax.
+
+    Returns the pass itself, giving images/s; the model is built and warmed up here.
+    """
     import torch
 
     from segbatch.predictor import Predictor
@@ -161,19 +166,26 @@ def model_only(cfg: BenchConfig, job: Any, info: Any, arrays: Sequence[np.ndarra
             for i in range(0, len(arrays), batch_size)
         ]
         predictor.model(batches[0]).argmax(1)  # warm-up: first-call allocations
-        _sync(predictor.device)
-        rates = []
-        for _ in range(cfg.repeats):
+    _sync(predictor.device)
+
+    def one_pass() -> float:
+        with torch.inference_mode():
             started = time.perf_counter()
             for x in batches:
                 predictor.model(x).argmax(1).cpu()
             _sync(predictor.device)
-            rates.append(len(arrays) / (time.perf_counter() - started))
-    return rates
+            return len(arrays) / (time.perf_counter() - started)
+
+    return one_pass
 
 
-def plain_loop(cfg: BenchConfig, info: Any, paths: Sequence[Path], out_dir: Path) -> list[float]:
-    """Images/s of the notebook's loop, one image at a time, writing one PNG mask per image."""
+def plain_loop(
+    cfg: BenchConfig, info: Any, paths: Sequence[Path], out_dir: Path
+) -> Callable[[], float]:
+    """The notebook's loop over all images, one at a time, writing one PNG mask per image.
+
+    Returns the pass itself, giving images/s; the model is built and warmed up here.
+    """
     import torch
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
@@ -203,16 +215,18 @@ def plain_loop(cfg: BenchConfig, info: Any, paths: Sequence[Path], out_dir: Path
         np.bincount(np.asarray(mask_im).ravel(), minlength=info.num_classes)
         mask_im.save(out_dir / (path.stem + ".png"))
 
-    rates = []
     with torch.inference_mode():
         one(paths[0])  # warm-up, as in model_only
-        for _ in range(cfg.repeats):
+
+    def one_pass() -> float:
+        with torch.inference_mode():
             started = time.perf_counter()
             for p in paths:
                 one(p)
             _sync(device)
-            rates.append(len(paths) / (time.perf_counter() - started))
-    return rates
+            return len(paths) / (time.perf_counter() - started)
+
+    return one_pass
 
 
 def stage_times(info: Any, paths: Sequence[Path], arrays: Sequence[np.ndarray]) -> dict[str, float]:
@@ -274,33 +288,25 @@ def steady_rate(mask_mtimes: Sequence[float], batch_size: int) -> float:
     return (n - k) / (mask_mtimes[-1] - mask_mtimes[k - 1])
 
 
-def end_to_end(cfg: BenchConfig, images: Path, work: Path) -> dict[str, Any]:
-    """``run_job`` ``repeats`` times on the same JPEG folder (Ray started once, before)."""
+def end_to_end(cfg: BenchConfig, images: Path, out: Path) -> dict[str, Any]:
+    """One ``run_job`` on the JPEG folder into ``out`` (Ray already started): steady images/s,
+    seconds from the call to the first mask, wall and time to first result (summary.json)."""
     from segbatch.pipeline import run_job
 
-    steady, first_mask, wall, first_result = [], [], [], []
-    resolved: dict[str, Any] = {}
-    for r in range(cfg.repeats):
-        out = work / f"e2e-{r}"
-        job = _job(cfg, str(out), str(images))
-        started = time.time()
-        with contextlib.redirect_stdout(stdio.StringIO()):
-            code = run_job(job)
-        if code != 0:
-            raise RuntimeError(f"run_job exited {code}; see {out}/summary.json")
-        summary = json.loads((out / "summary.json").read_text())
-        resolved = summary["inference"]
-        times = _mask_times(out)
-        steady.append(steady_rate(times, int(resolved["batch_size"])))
-        first_mask.append(times[0] - started)
-        wall.append(float(summary["wall_time_s"]))
-        first_result.append(float(summary["time_to_first_result_s"]))
+    job = _job(cfg, str(out), str(images))
+    started = time.time()
+    with contextlib.redirect_stdout(stdio.StringIO()):
+        code = run_job(job)
+    if code != 0:
+        raise RuntimeError(f"run_job exited {code}; see {out}/summary.json")
+    summary = json.loads((out / "summary.json").read_text())
+    times = _mask_times(out)
     return {
-        "images_per_s": spread(steady),
-        "wall_s": spread(wall),
-        "first_mask_s": spread(first_mask),
-        "time_to_first_result_s": spread(first_result),
-        "inference": resolved,
+        "images_per_s": steady_rate(times, int(summary["inference"]["batch_size"])),
+        "first_mask_s": times[0] - started,
+        "wall_s": float(summary["wall_time_s"]),
+        "time_to_first_result_s": float(summary["time_to_first_result_s"]),
+        "inference": summary["inference"],
     }
 
 
@@ -332,8 +338,20 @@ def _host() -> dict[str, Any]:
     return host
 
 
+def _load_avg() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0
+
+
 def run_bench(cfg: BenchConfig, work: Path) -> dict[str, Any]:
-    """All cases for one model; returns the JSON-ready result."""
+    """All cases for one model; returns the JSON-ready result.
+
+    The cases take turns within each repeat (model only, plain loop, end to end, then again), so
+    that a burst of load from other processes hits all cases alike; the ratios are taken per
+    repeat, then their median.
+    """
     from segbatch.models import resolve_model
 
     images = work / "images"
@@ -356,33 +374,45 @@ def run_bench(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         "host": _host(),
         "stages_ms_per_image": stage_times(info, paths, arrays),
     }
-    log.info("bench: %d images in %s; stages: %s", cfg.count, images, result["stages_ms_per_image"])
+    log.info("bench: %d images in %s; stages %s", cfg.count, images, result["stages_ms_per_image"])
+    passes: dict[str, Callable[[], float]] = {}
     if "model_only" in cfg.cases:
-        result["model_only"] = {"images_per_s": spread(model_only(cfg, job, info, arrays))}
-        log.info("bench: model only %s", result["model_only"]["images_per_s"])
+        passes["model_only"] = model_only(cfg, job, info, arrays)
     if "plain_loop" in cfg.cases:
-        rates = plain_loop(cfg, info, paths, work / "plain")
-        result["plain_loop"] = {"images_per_s": spread(rates)}
-        log.info("bench: plain loop %s", result["plain_loop"]["images_per_s"])
-    if "end_to_end" in cfg.cases:
-        ray_init_s = _init_ray()
-        e2e = end_to_end(cfg, images, work)
-        result["end_to_end"] = e2e
+        passes["plain_loop"] = plain_loop(cfg, info, paths, work / "plain")
+    ray_init_s = _init_ray() if "end_to_end" in cfg.cases else 0.0
+    rates: dict[str, list[float]] = {k: [] for k in (*passes, "end_to_end") if k in cfg.cases}
+    e2e_runs: list[dict[str, Any]] = []
+    load: list[float] = []
+    for r in range(cfg.repeats):
+        load.append(_load_avg())
+        for name, one_pass in passes.items():
+            rates[name].append(one_pass())
+        if "end_to_end" in cfg.cases:
+            e2e_runs.append(end_to_end(cfg, images, work / f"e2e-{r}"))
+            rates["end_to_end"].append(e2e_runs[-1]["images_per_s"])
+        log.info(
+            "bench: repeat %d of %d: %s", r + 1, cfg.repeats, {k: v[-1] for k, v in rates.items()}
+        )
+    load.append(_load_avg())
+    result["load_avg_1min"] = load
+    for name, values in rates.items():
+        result[name] = {"images_per_s": spread(values)}
+    if e2e_runs:
+        e2e = result["end_to_end"]
+        for key in ("wall_s", "first_mask_s", "time_to_first_result_s"):
+            e2e[key] = spread([run[key] for run in e2e_runs])
+        e2e["inference"] = e2e_runs[-1]["inference"]
         result["startup"] = {
             "ray_init_s": round(ray_init_s, 3),
             "first_mask_s": e2e["first_mask_s"]["median"],
-            "cold_first_mask_s": round(ray_init_s + e2e["first_mask_s"]["runs"][0], 3),
+            "cold_first_mask_s": round(ray_init_s + e2e_runs[0]["first_mask_s"], 3),
         }
-        e2e_rate = e2e["images_per_s"]["median"]
-        ratios: dict[str, float] = {}
-        if "model_only" in result:
-            ratios["end_to_end_over_model_only"] = round(
-                e2e_rate / result["model_only"]["images_per_s"]["median"], 3
-            )
-        if "plain_loop" in result:
-            ratios["end_to_end_over_plain_loop"] = round(
-                e2e_rate / result["plain_loop"]["images_per_s"]["median"], 3
-            )
+        ratios: dict[str, Any] = {}
+        for name in ("model_only", "plain_loop"):
+            if name in rates:
+                per_repeat = [e / o for e, o in zip(rates["end_to_end"], rates[name], strict=True)]
+                ratios[f"end_to_end_over_{name}"] = spread(per_repeat)
         result["ratios"] = ratios
     return result
 
@@ -530,7 +560,7 @@ def format_table(result: dict[str, Any]) -> str:
         if key in result:
             lines.append(f"| {label} | {_fmt(result[key]['images_per_s'])} |")
     for name, value in result.get("ratios", {}).items():
-        lines.append(f"| {name.replace('_', ' ')} | {value:.2f}x |")
+        lines.append(f"| {name.replace('_', ' ')} (per repeat) | {_fmt(value)} x |")
     if "startup" in result:
         s = result["startup"]
         e = result["end_to_end"]
@@ -543,6 +573,7 @@ def format_table(result: dict[str, Any]) -> str:
         ]
     stages = ", ".join(f"{k} {v}" for k, v in result["stages_ms_per_image"].items())
     lines.append(f"CPU stages, ms per image on one thread: {stages}")
+    lines.append(f"1-min load average at each repeat: {result['load_avg_1min']}")
     return "\n".join(lines)
 
 

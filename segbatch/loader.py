@@ -167,6 +167,8 @@ def _find_member(
 def reads_itself(uri: str) -> bool:
     """Inputs whose bytes are not read up front: GeoTIFFs (read by windows with rasterio, where
     installed) and NIfTI volumes (read whole by the actor, which writes one mask per volume)."""
+    if shards.split_member(uri) is not None:
+        return False
     ext = extension_of(uri)
     if ext in (".nii", ".nii.gz"):
         return True

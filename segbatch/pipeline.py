@@ -204,7 +204,14 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     n = len(items)
     rows_in = [
-        {"index": i, "uri": it.uri, "rel_path": it.rel_path, "error": it.error or ""}
+        {
+            "index": i,
+            "uri": it.uri,
+            "rel_path": it.rel_path,
+            "error": it.error or "",
+            "offset": -1 if it.offset is None else it.offset,
+            "size": -1 if it.size is None else it.size,
+        }
         for i, it in enumerate(items)
         if todo is None or todo[i]
     ]
@@ -215,7 +222,12 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     )
     ds = ds.map_batches(
         read_batch,
-        fn_kwargs={"storage_options": options, "retries": job.storage.retries},
+        fn_kwargs={
+            "storage_options": options,
+            "retries": job.storage.retries,
+            "image_column": job.input.image_column,
+            "path_column": job.input.path_column,
+        },
         batch_size=read_rows,
         num_cpus=1,
     )
@@ -261,10 +273,12 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     stopped_early: str | None = None
     import numpy as np
 
+    retries_total = 0
     batches = ds.iter_batches(batch_size=None, batch_format="numpy") if n_todo else []
     for batch in batches:
         if first_result_s is None:
             first_result_s = time.perf_counter() - started
+        retries_total += int(np.sum(batch["retries"])) if "retries" in batch else 0
         for row in result_rows(batch, info.name, class_cols):
             writer.add(row)
             if row["status"] == "ok":
@@ -290,6 +304,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     totals = sinks.read_totals(out, info.classes, options)
     summary = _summary(job, info, totals, n, wall_s, first_result_s, stopped_early)
     summary["this_run"] = {"inputs_run": run_done, "inputs_skipped": n - n_todo}
+    summary["storage"] = {"retries": retries_total}
     sinks.write_summary(out, summary, options)
     _print_table(summary)
     if stopped_early is not None:

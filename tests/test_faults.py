@@ -145,6 +145,7 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(tmp_path: P
             "output.path": str(out),
             "model.name": "lraspp_mobilenet_v3_large",
             "model.weights": "none",
+            "preprocess.resize": [192, 192],
             "inference.device": "cpu",
             "inference.batch_size": 1,
             "inference.workers": 1,

@@ -165,5 +165,5 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     )
     from segbatch.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.name"):
+    with pytest.raises(ConfigError, match=r"model\.name"):
         run_job(job)
