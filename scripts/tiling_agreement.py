@@ -55,9 +55,8 @@ def main() -> None:
                 )
                 got = tiled.segment([image])[0]
                 agree = float((got == ref).mean())
-                print(
-                    f"{name:22s} tile {tile} overlap 0.25 {blend:8s}: {agree:.2%} agree ({used} classes)"
-                )
+                case = f"{name:22s} tile {tile} overlap 0.25 {blend:8s}"
+                print(f"{case}: {agree:.2%} agree ({used} classes)")
 
 
 if __name__ == "__main__":
