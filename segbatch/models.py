@@ -375,6 +375,11 @@ def _looks_like_path(weights: str) -> bool:
     )
 
 
+def weights_kind(name: str, weights: str) -> _WeightsKind:
+    """'none', 'default', 'enum' (a torchvision weights name) or 'checkpoint' (a URI)."""
+    return _weights_kind(name, weights)
+
+
 def _weights_kind(name: str, weights: str) -> _WeightsKind:
     if weights == "none":
         return "none"

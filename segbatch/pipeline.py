@@ -64,7 +64,20 @@ def plan_job(job: JobConfig) -> Plan:
             + ", ".join(info.classes)
         )
     items = list_inputs(job.input, job.storage.options)
+    _check_weights(info, job.storage.options)
     return Plan(job=job, info=info, items=items)
+
+
+def _check_weights(info: ModelInfo, options: Mapping[str, Any]) -> None:
+    """Build the model once on the driver, on the CPU, when that needs no download: a checkpoint
+    that does not fit the model fails here, before any worker starts, with the loader's message.
+    (``default`` and enum weights are checked against their class list by resolve_model; their
+    download happens on the workers, where they are used.)"""
+    from segbatch.models import build_model, weights_kind
+
+    if weights_kind(info.name, info.weights) in ("default", "enum") and not info.is_user_model:
+        return
+    build_model(info, "cpu", dict(options))
 
 
 def resolve_inference(
@@ -275,28 +288,35 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     retries_total = 0
     batches = ds.iter_batches(batch_size=None, batch_format="numpy") if n_todo else []
-    for batch in batches:
-        if first_result_s is None:
-            first_result_s = time.perf_counter() - started
-        retries_total += int(np.sum(batch["retries"])) if "retries" in batch else 0
-        for row in result_rows(batch, info.name, class_cols):
-            writer.add(row)
-            if row["status"] == "ok":
-                counts = np.array([row[c] for c in class_cols], dtype=np.int64)
-                totals.add_ok(counts, row.get("px_nodata") or 0)
-            else:
-                totals.add_error(row["error"])
-        now = time.perf_counter()
-        if now - last_log >= PROGRESS_EVERY_S:
-            _log_progress(totals, n_todo, now - started)
-            last_log = now
-        if (
-            totals.done >= min(n_todo, EARLY_STOP_MIN_DONE)
-            and totals.error_fraction > job.max_error_fraction
-            and totals.done < n_todo
-        ):
-            stopped_early = totals.most_common_error()
-            break
+    failure: str | None = None
+    try:
+        for batch in batches:
+            if first_result_s is None:
+                first_result_s = time.perf_counter() - started
+            retries_total += int(np.sum(batch["retries"])) if "retries" in batch else 0
+            for row in result_rows(batch, info.name, class_cols):
+                writer.add(row)
+                if row["status"] == "ok":
+                    counts = np.array([row[c] for c in class_cols], dtype=np.int64)
+                    totals.add_ok(counts, row.get("px_nodata") or 0)
+                else:
+                    totals.add_error(row["error"])
+            now = time.perf_counter()
+            if now - last_log >= PROGRESS_EVERY_S:
+                _log_progress(totals, n_todo, now - started)
+                last_log = now
+            if (
+                totals.done >= min(n_todo, EARLY_STOP_MIN_DONE)
+                and totals.error_fraction > job.max_error_fraction
+                and totals.done < n_todo
+            ):
+                stopped_early = totals.most_common_error()
+                break
+    except Exception as exc:
+        # A failure Ray could not recover from (a worker that cannot start, a lost node with no
+        # retries left): keep every row already done, say what failed, exit 1.
+        failure = error_message_of(exc)
+        stopped_early = f"the job failed: {failure}"
     writer.close()
     wall_s = time.perf_counter() - started
     run_done = totals.done
@@ -307,6 +327,13 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     summary["storage"] = {"retries": retries_total}
     sinks.write_summary(out, summary, options)
     _print_table(summary)
+    if failure is not None:
+        log.error(
+            "the job failed after %d inputs (their rows are written; --resume continues): %s",
+            run_done,
+            failure,
+        )
+        return 1
     if stopped_early is not None:
         log.error(
             "stopped early: %d of %d inputs failed (over max_error_fraction %.2f); most common "
@@ -355,6 +382,15 @@ def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
             f"--resume: preprocess differs from the first run ({io.redact(uri)}); resume with the "
             "same preprocessing, or write to a new output"
         )
+
+
+def error_message_of(exc: BaseException) -> str:
+    """The useful line of a (possibly Ray-wrapped) exception: the innermost error's message."""
+    text = str(exc).strip().splitlines()
+    for line in reversed(text):
+        if "Error" in line and ":" in line:
+            return line.strip()
+    return text[-1].strip() if text else type(exc).__name__
 
 
 def _log_progress(totals: Totals, n: int, elapsed_s: float) -> None:

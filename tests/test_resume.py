@@ -167,3 +167,78 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"model\.name"):
         run_job(job)
+
+
+@pytest.mark.s3
+@pytest.mark.usefixtures("ray_session")
+def test_kill_driver_on_s3_then_resume_is_exactly_once(
+    tmp_path: Path, unet_checkpoint: str
+) -> None:
+    """The same, with inputs, weights, masks and Parquet on an S3 API server (moto, loopback)."""
+    import fsspec
+
+    from tests.s3_server import running_s3_server
+
+    inputs = tmp_path / "in"
+    paths = make_inputs(inputs, 40)
+    with running_s3_server() as server:
+        client = server.client()
+        client.create_bucket(Bucket="scenes")
+        for p in paths:
+            client.upload_file(str(p), "scenes", f"in/{p.name}")
+        client.upload_file(unet_checkpoint, "scenes", "weights/unet.pt")
+        argv = args(inputs, tmp_path / "unused", unet_checkpoint)
+        replace = {
+            "--input": "s3://scenes/in/",
+            "--output": "s3://scenes/out",
+            "--weights": "s3://scenes/weights/unet.pt",
+        }
+        s3_argv = [replace.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segbatch", "run", *s3_argv],
+            cwd=REPO, env={**os.environ, **server.env()}, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+        )  # fmt: skip
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            listed = client.list_objects_v2(Bucket="scenes", Prefix="out/masks/")
+            if listed.get("KeyCount", 0) >= 12:
+                break
+            time.sleep(0.1)
+        log = (tmp_path / "driver.log").read_text()[-2000:]
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{log}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+        opts = server.storage_options()
+        resumed = load_job(
+            None,
+            {
+                "input.paths": ["s3://scenes/in/"],
+                "output.path": "s3://scenes/out",
+                "output.resume": True,
+                "output.rows_per_file": 5,
+                "output.overlays": 0,
+                "model.name": "unet",
+                "model.weights": "s3://scenes/weights/unet.pt",
+                "model.num_classes": 3,
+                "model.unet.depth": 2,
+                "model.unet.base_channels": 8,
+                "inference.device": "cpu",
+                "inference.batch_size": 1,
+                "storage.options": opts,
+            },
+        )
+        assert run_job(resumed) == 0
+        fs = fsspec.filesystem("s3", **opts)
+        table = pq.read_table("scenes/out/results", filesystem=fs)
+        final = table.to_pylist()
+        assert sorted(r["index"] for r in final) == list(range(40))
+        assert all(r["status"] == "ok" for r in final)
+        for r in final:
+            assert r["mask_path"].startswith("s3://scenes/out/masks/")
+            with fs.open(r["mask_path"], "rb") as fh:
+                assert np.asarray(Image.open(fh)).shape == (r["height"], r["width"])
+        summary = json.loads(fs.cat_file("scenes/out/summary.json"))
+        assert summary["images"] == {"total": 40, "ok": 40, "error": 0, "not_run": 0}
+        assert sum(summary["pixels"].values()) == 40 * 160 * 200
