@@ -194,10 +194,11 @@ def test_kill_driver_on_s3_then_resume_is_exactly_once(
             "--weights": "s3://scenes/weights/unet.pt",
         }
         s3_argv = [replace.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+        log_file = (tmp_path / "driver.log").open("w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "segbatch", "run", *s3_argv],
             cwd=REPO, env={**os.environ, **server.env()}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+            stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -209,6 +210,7 @@ def test_kill_driver_on_s3_then_resume_is_exactly_once(
         assert proc.poll() is None, f"the run ended before it could be killed:\n{log}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        log_file.close()
 
         opts = server.storage_options()
         resumed = load_job(
