@@ -5,14 +5,14 @@
     .venv/bin/python scripts/cluster_smoke.py --no-kill       # only the plain multi-node run
     .venv/bin/python scripts/cluster_smoke.py --images 400 --keep /tmp/smoke
 
-The head (0 CPUs: only the driver and Ray's own services run there) and two worker nodes
-(2 CPUs each, custom resource ``worker_node``) are separate ``ray start --block`` processes, each in its own session,
+The head (the driver and 1 CPU) and two worker nodes (1 CPU each, custom resource
+``worker_node``) are separate ``ray start --block`` processes, each in its own session,
 with private ports, a private temp dir and a private token (Ray 2.60 turns token authentication
 on for new clusters). The job goes through the Ray Jobs API of the head's dashboard
-(``segbatch run ... --address auto``), with an autoscaling pool of 2 to 3 inference actors of
-one CPU each, which Ray Data spreads over the nodes. Then, on the same cluster, a second job with
-2 actors during which a worker node that hosts one is killed with SIGKILL (the actor restarts on
-the other worker's free CPU). Each job must produce one ok
+(``segbatch run ... --address auto``), with an autoscaling pool of 2 to 3 inference actors: one
+CPU per actor and per node, so at least two nodes run actors. Then, on the same cluster, a second
+job with 2 actors during which a worker node that hosts one is killed with SIGKILL (the actor
+restarts on the CPU that the 3-actor pool would otherwise have taken). Each job must produce one ok
 row and one mask per input, no more, no less; the inference actors must have run on more than
 one node.
 
@@ -130,8 +130,8 @@ class LocalCluster:
     """
 
     root: Path
-    head_cpus: int = 0
-    worker_cpus: int = 2
+    head_cpus: int = 1
+    worker_cpus: int = 1
     nodes: list[Node] = field(default_factory=list)
     gcs_port: int = 0
     dashboard_port: int = 0

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = load_from_args(args)
         from segbatch.pipeline import plan_job, run_job
 
-        plan = plan_job(job)
+        plan = plan_job(job, fetch_weights=args.command == "run")
         if args.command == "validate":
             print(to_yaml(job), end="")
             print(

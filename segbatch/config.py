@@ -99,6 +99,8 @@ class InferenceConfig:
     threads_per_worker: int | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     channels_last: bool = False
+    # Extra Ray resources per actor, e.g. {worker_node: 1}: actors only go to nodes offering them.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,8 @@ def _check(cfg: JobConfig) -> None:
         problems.append("inference.workers must be at least 1")
     if isinstance(workers, tuple) and not 1 <= workers[0] <= workers[1]:
         problems.append("inference.workers [min, max] needs 1 <= min <= max")
+    if any(not isinstance(v, int | float) or v <= 0 for v in inf.resources.values()):
+        problems.append("inference.resources values must be numbers above 0, e.g. {worker_node: 1}")
     if inf.gpus_per_worker <= 0:
         problems.append(
             "inference.gpus_per_worker must be above 0 (fractions such as 0.5 share a GPU)"

@@ -727,6 +727,12 @@ def _download_state_dict(weights: Any) -> dict[str, torch.Tensor]:
     return weights.get_state_dict(progress=False, check_hash=True)
 
 
+def fetch_pretrained(info: ModelInfo) -> None:
+    """Download torchvision weights (``default`` or an enum name) into torch hub's cache now,
+    with the same clear error as at build time when offline."""
+    _pretrained_state(info.name, _weights_member(info.name, info.weights))
+
+
 def _pretrained_state(name: str, weights: Any) -> dict[str, torch.Tensor]:
     url: str = weights.url
     file_name = os.path.basename(urllib.parse.urlparse(url).path)

@@ -48,8 +48,11 @@ class Plan:
     items: list[InputItem]
 
 
-def plan_job(job: JobConfig) -> Plan:
-    """Validate the job against the world: model, inputs, output. Raises usage errors (exit 2)."""
+def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
+    """Validate the job against the world: model, inputs, output. Raises usage errors (exit 2).
+
+    ``fetch_weights=False`` (``segbatch validate``) checks checkpoints but downloads nothing.
+    """
     info = resolve_model(job.model, job.preprocess)
     if job.model.code_path is not None and not Path(job.model.code_path).exists():
         from segbatch.errors import ConfigError
@@ -64,20 +67,25 @@ def plan_job(job: JobConfig) -> Plan:
             + ", ".join(info.classes)
         )
     items = list_inputs(job.input, job.storage.options)
-    _check_weights(info, job.storage.options)
+    _check_weights(job, info, fetch_weights)
     return Plan(job=job, info=info, items=items)
 
 
-def _check_weights(info: ModelInfo, options: Mapping[str, Any]) -> None:
-    """Build the model once on the driver, on the CPU, when that needs no download: a checkpoint
-    that does not fit the model fails here, before any worker starts, with the loader's message.
-    (``default`` and enum weights are checked against their class list by resolve_model; their
-    download happens on the workers, where they are used.)"""
-    from segbatch.models import build_model, weights_kind
+def _check_weights(job: JobConfig, info: ModelInfo, fetch: bool = True) -> None:
+    """Fail before any worker starts when the weights cannot work.
+
+    A checkpoint (or a user model) is built once on the driver, on the CPU: one that does not fit
+    the model fails here with the loader's message. Pretrained torchvision weights are fetched
+    into torch hub's cache when the job runs locally (the workers then find them there); on a
+    cluster each node downloads its own copy.
+    """
+    from segbatch.models import build_model, fetch_pretrained, weights_kind
 
     if weights_kind(info.name, info.weights) in ("default", "enum") and not info.is_user_model:
+        if fetch and job.ray.address is None:
+            fetch_pretrained(info)
         return
-    build_model(info, "cpu", dict(options))
+    build_model(info, "cpu", dict(job.storage.options))
 
 
 def resolve_inference(
@@ -209,6 +217,8 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         "num_cpus": inference.cpus_per_worker,
         "num_gpus": inference.gpus_per_worker if inference.device == "cuda" else 0,
     }
+    if inference.resources:
+        actor_args["resources"] = dict(inference.resources)
     ship_info = info
     code: dict[str, bytes] | None = None
     if info.code_path is not None:
@@ -283,6 +293,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     totals = Totals(info.num_classes)
     first_result_s: float | None = None
     last_log = time.perf_counter()
+    last_done = 0
     stopped_early: str | None = None
     import numpy as np
 
@@ -303,8 +314,8 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
                     totals.add_error(row["error"])
             now = time.perf_counter()
             if now - last_log >= PROGRESS_EVERY_S:
-                _log_progress(totals, n_todo, now - started)
-                last_log = now
+                _log_progress(totals, n_todo, totals.done - last_done, now - last_log)
+                last_log, last_done = now, totals.done
             if (
                 totals.done >= min(n_todo, EARLY_STOP_MIN_DONE)
                 and totals.error_fraction > job.max_error_fraction
@@ -393,8 +404,9 @@ def error_message_of(exc: BaseException) -> str:
     return text[-1].strip() if text else type(exc).__name__
 
 
-def _log_progress(totals: Totals, n: int, elapsed_s: float) -> None:
-    rate = totals.done / elapsed_s if elapsed_s > 0 else 0.0
+def _log_progress(totals: Totals, n: int, recent_done: int, recent_s: float) -> None:
+    """One progress line; the rate is over the last interval, so start-up does not skew the ETA."""
+    rate = recent_done / recent_s if recent_s > 0 else 0.0
     eta = (n - totals.done) / rate if rate > 0 else float("inf")
     log.warning(
         "progress: %d/%d images (%.1f%%), %.2f images/s, %d errors, ETA %.0f s",

@@ -103,3 +103,34 @@ def test_storage_options_are_redacted_in_validate_output(tmp_path: Path) -> None
     result = segbatch("validate", "jobs/demo.yaml", "--set", f"storage.options={{key: {secret}}}")
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout + result.stderr
+
+
+def test_offline_default_weights_fail_before_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import urllib.error
+
+    from segbatch import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(weights: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(models, "_download_state_dict", offline)
+    code = main(["run", "--input", str(PHOTOS), "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "lraspp_mobilenet_v3_large" in err and "--weights PATH" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_that_does_not_fit_fails_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    args = ["run", "--input", str(PHOTOS), "--output", str(tmp_path / "o")]
+    assert main([*args, "--weights", str(tmp_path / "wrong.pt")]) == 2
+    assert "wrong.pt" in capsys.readouterr().err
