@@ -48,8 +48,6 @@ class OutputConfig:
     mask_write_threads: int = 4
     # Mask value of nodata pixels; never counted as a class.
     nodata_value: int = 255
-    # NIfTI: one row per slice as well as one per volume.
-    per_slice_rows: bool = False
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,14 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
         from segbatch.errors import ConfigError
 
         raise ConfigError(f"model.code_path {job.model.code_path!r} does not exist")
+    if job.output.nodata_value < info.num_classes:
+        from segbatch.errors import ConfigError
+
+        raise ConfigError(
+            f"output.nodata_value {job.output.nodata_value} is a class index of this "
+            f"{info.num_classes}-class model; set it to {info.num_classes} or more "
+            "(65535 for masks above 256 classes)"
+        )
     unknown = [c for c in job.stats.count_components if c not in info.classes]
     if unknown:
         from segbatch.errors import ConfigError

@@ -29,7 +29,6 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "output.rows_per_file": (7, 7),
     "output.mask_write_threads": (2, 2),
     "output.nodata_value": (0, 0),
-    "output.per_slice_rows": (True, True),
     "model.name": ("unet", "unet"),
     "model.weights": ("none", "none"),
     "model.classes": (["bg", "cat"], ("bg", "cat")),
