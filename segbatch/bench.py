@@ -435,9 +435,12 @@ def rss_mib() -> float:
 def object_store_stats() -> dict[str, float]:
     """Ray's object store, all nodes: used and spilled MiB (Ray's internal API; {} if it moved)."""
     try:
+        import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        stats = get_memory_info_reply(get_state_from_address(None)).store_stats
+        # This session's own cluster: others may run on the same machine.
+        address = ray.get_runtime_context().gcs_address
+        stats = get_memory_info_reply(get_state_from_address(address)).store_stats
     except Exception:  # a private API: the figures are optional
         return {}
     return {
@@ -523,11 +526,13 @@ def run_memory(cfg: BenchConfig, work: Path) -> dict[str, Any]:
         },
         "object_store_mib": {
             "max_used_sampled": round(max((s[2] for s in samples), default=0.0), 1),
-            "capacity": round(store.get("capacity_mib", 0.0), 1),
-            "spilled": round(store.get("spilled_mib", 0.0), 1),
-            "spilled_objects": int(store.get("spilled_objects", 0)),
-            "fallback_mmap": round(store.get("fallback_mib", 0.0), 1),
-        },
+            "capacity": round(store["capacity_mib"], 1),
+            "spilled": round(store["spilled_mib"], 1),
+            "spilled_objects": int(store["spilled_objects"]),
+            "fallback_mmap": round(store["fallback_mib"], 1),
+        }
+        if store
+        else None,
     }
 
 
@@ -579,7 +584,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 def format_memory(result: dict[str, Any]) -> str:
     rss = result["driver_rss_mib"]
-    store = result["object_store_mib"]
+    store = result["object_store_mib"] or {
+        k: "n/a" for k in ("max_used_sampled", "capacity", "spilled", "spilled_objects")
+    } | {"fallback_mmap": "n/a"}
     tenths = ", ".join(f"{t['images_done']}: {t['rss_mib']}" for t in rss["by_tenth"])
     return "\n".join(
         [

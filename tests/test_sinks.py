@@ -5,11 +5,9 @@ from __future__ import annotations
 import io as stdio
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,18 +30,6 @@ from segbatch.sinks import (
 
 BASE = ["index", "path", "width", "height", "status", "error", "mask_path", "model", "px_nodata"]
 CLASSES = ["__background__", "Road", "potted plant"]
-
-
-@pytest.fixture
-def memfs() -> Iterator[Any]:
-    fs = fsspec.filesystem("memory")
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
-    yield fs
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
 
 
 def _row(i: int, **extra: Any) -> dict[str, Any]:
@@ -187,13 +173,34 @@ def test_results_writer_close_flushes_partial_parts(tmp_path: Path) -> None:
     assert writer.pending == {}
 
 
-def test_results_writer_expected_counts(tmp_path: Path) -> None:
-    # On resume only some rows are still to come: a part is complete when those arrived.
-    writer = ResultsWriter(
-        str(tmp_path), results_schema(["a"]), total=6, rows_per_file=3, expected={1: 1}
-    )
-    writer.add(_row(5))
-    assert _read_part(tmp_path / "results" / "part-00001.parquet")["index"] == [5]
+def test_results_writer_resume_keeps_previous_ok_rows(tmp_path: Path) -> None:
+    """On resume only some rows are still to come: a part is complete when those arrived, and
+    it keeps its previous ok rows while the error row it replaces is gone."""
+    schema = results_schema(["a"])
+    first = ResultsWriter(str(tmp_path), schema, total=6, rows_per_file=3)
+    for i in range(6):
+        row = dict(_row(i))
+        if i == 4:
+            row.update(status="error", error="boom", mask_path=None)
+        first.add(row)
+    todo = np.zeros(6, dtype=bool)
+    todo[4] = True
+    again = ResultsWriter(str(tmp_path), schema, total=6, rows_per_file=3, todo=todo)
+    assert again.expected == {1: 1}
+    again.add(_row(4))
+    part = _read_part(tmp_path / "results" / "part-00001.parquet")
+    assert part["index"] == [3, 4, 5]
+    assert part["status"] == ["ok", "ok", "ok"]
+
+
+def test_results_writer_keeps_a_repeated_row_once(tmp_path: Path) -> None:
+    writer = ResultsWriter(str(tmp_path), results_schema(["a"]), total=3, rows_per_file=3)
+    writer.add(_row(0))
+    writer.add(_row(0))  # a retried task delivering its rows again
+    assert not (tmp_path / "results").exists()
+    writer.add(_row(1))
+    writer.add(_row(2))
+    assert _read_part(tmp_path / "results" / "part-00000.parquet")["index"] == [0, 1, 2]
 
 
 def test_results_writer_memory(memfs: Any) -> None:

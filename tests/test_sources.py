@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,18 +25,6 @@ def _touch(root: Path, *names: str) -> None:
 
 def _list(*paths: str | Path, **kwargs: Any) -> list[InputItem]:
     return list_inputs(InputConfig(paths=tuple(str(p) for p in paths), **kwargs))
-
-
-@pytest.fixture
-def memfs() -> Iterator[Any]:
-    fs = fsspec.filesystem("memory")
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
-    yield fs
-    fs.store.clear()
-    fs.pseudo_dirs.clear()
-    fs.pseudo_dirs.append("")
 
 
 @pytest.mark.parametrize(
