@@ -36,8 +36,15 @@ STRETCH_SAMPLE_PX = 1024
 MASK_DTYPES = ("uint8", "uint16")
 
 
+# GDAL's block cache defaults to 5% of the machine's memory and fills as a scene is read, so a
+# worker's memory would grow with the scene up to that cap. segbatch reads each window about
+# once: a small cache loses nothing. A GDAL_CACHEMAX set by the user wins.
+GDAL_CACHE_MB = 256
+
+
 def _rasterio() -> ModuleType:
     """The rasterio module, or the error naming the extra that installs it."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
     try:
         import rasterio
         import rasterio.enums
