@@ -123,7 +123,9 @@ def resolve_inference(
         workers=workers,
         batch_size=inf.batch_size or 1,
         cpus_per_worker=inf.cpus_per_worker or 1.0,
-        threads_per_worker=inf.threads_per_worker or max(1, cpus // n_workers),
+        # One core stays free for reading, decoding and PNG writing (fused into the actor on
+        # CPU) and the driver: on 2 cores 1 thread measured 2.7x faster end to end.
+        threads_per_worker=inf.threads_per_worker or max(1, cpus // n_workers - 1),
     )
 
 

@@ -128,7 +128,13 @@ class Predictor:
             li = logits[i : i + 1]
             if li.shape[-2:] != (height, width):
                 li = F.interpolate(li, size=(height, width), mode="bilinear", align_corners=False)
-            out.append(li[0].argmax(0).to("cpu", torch.int32).numpy().astype(self.out_dtype))
+            if li.device.type == "cpu":
+                # Over a contiguous last axis argmax is ~1.6x faster than over the first; both
+                # return the first maximum, so the masks are the same (docs/performance.md).
+                classes = li[0].permute(1, 2, 0).contiguous().argmax(-1)
+            else:
+                classes = li[0].argmax(0)
+            out.append(classes.to("cpu", torch.int32).numpy().astype(self.out_dtype))
         return out
 
     # -- the public entry ---------------------------------------------------------------------
