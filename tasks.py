@@ -36,10 +36,13 @@ def ensure_env() -> None:
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     stamp = VENV / ".segbatch-installed"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    inputs = (ROOT / "pyproject.toml").read_bytes() + (ROOT / "constraints.txt").read_bytes()
+    digest = hashlib.sha256(inputs).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
-    sh(BIN / "python", "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    # constraints.txt: one known-good set of versions, so pip's resolver has nothing to search
+    # (unconstrained, it can backtrack into a dead end among s3fs, aiobotocore and boto3).
+    sh(BIN / "python", "-m", "pip", "install", "-q", "-c", "constraints.txt", "-e", f".[{EXTRAS}]")
     stamp.write_text(digest)
 
 
