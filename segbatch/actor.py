@@ -67,13 +67,16 @@ class SegmentActor:
         self.options = job.storage.options
         self.predictor = Predictor(info, job.inference, job.tiling, self.options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, job.output.mask_write_threads))
+        # Logits become masks (resize to the original size, argmax) in this thread while the
+        # next group goes through the model: on a CPU that is a second core at work.
+        self.post_pool = ThreadPoolExecutor(max_workers=1)
 
     def _segment(
         self, images: list[np.ndarray], sizes: list[tuple[int, int]]
     ) -> list[np.ndarray | BaseException]:
         """Masks for images; if the batch fails (one bad size, out of memory), each image alone."""
         try:
-            return list(self.predictor.segment(images, sizes, self.batch_size))
+            return list(self.predictor.segment(images, sizes, self.batch_size, self.post_pool))
         except Exception:
             results: list[np.ndarray | BaseException] = []
             for image, size in zip(images, sizes, strict=True):

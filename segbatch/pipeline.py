@@ -37,6 +37,7 @@ MAX_CODE_BYTES = 64 * 1024 * 1024
 # Early stop: once this many inputs are done, an error fraction above the limit stops the job.
 EARLY_STOP_MIN_DONE = 100
 PROGRESS_EVERY_S = 10.0
+ROWS_PER_CALL_MIN = 4
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,9 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
             "code": code,
         },
         compute=ActorPoolStrategy(min_size=min_w, max_size=max_w),
-        batch_size=inference.batch_size,
+        # Rows per actor call; the model sees groups of inference.batch_size. A few rows a call
+        # let one group's masks be made while the next group runs (SegmentActor.post_pool).
+        batch_size=max(inference.batch_size, ROWS_PER_CALL_MIN),
         **actor_args,
     )
 

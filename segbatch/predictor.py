@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import numpy as np
@@ -143,24 +144,39 @@ class Predictor:
         images: Sequence[np.ndarray],
         sizes: Sequence[tuple[int, int]] | None = None,
         batch_size: int | None = None,
+        pool: Executor | None = None,
     ) -> list[np.ndarray]:
         """Masks for ``images`` (any mix of sizes), in the same order.
 
         ``sizes``: each image's original (height, width), the size of its mask; by default the
         image's own size. Images may arrive already resized for the model (see decode).
+        ``pool``: where to turn logits into masks (resize to the original size, argmax); with a
+        thread pool that runs while the next group goes through the model.
         """
         sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         masks: list[np.ndarray | None] = [None] * len(images)
         step = batch_size or len(images) or 1
-        with torch.inference_mode():
-            for idx in _groups(images, sizes, self.info.resize, step):
-                batch = np.stack([images[i] for i in idx])
-                h, w = sizes[idx[0]]
-                x = self.prepare(batch, model_input_size(h, w, self.info.resize))
-                result = self.to_masks(self.logits(x), [sizes[i] for i in idx])
-                for j, i in enumerate(idx):
-                    masks[i] = result[j]
+        pending: list[tuple[list[int], Future[list[np.ndarray]]]] = []
+        for idx in _groups(images, sizes, self.info.resize, step):
+            batch = np.stack([images[i] for i in idx])
+            h, w = sizes[idx[0]]
+            with torch.inference_mode():
+                logits = self.logits(self.prepare(batch, model_input_size(h, w, self.info.resize)))
+            group_sizes = [sizes[i] for i in idx]
+            if pool is None:
+                done: Future[list[np.ndarray]] = Future()
+                done.set_result(self._masks_of(logits, group_sizes))
+                pending.append((idx, done))
+            else:
+                pending.append((idx, pool.submit(self._masks_of, logits, group_sizes)))
+        for idx, fut in pending:
+            for j, i in enumerate(idx):
+                masks[i] = fut.result()[j]
         return [m for m in masks if m is not None]
+
+    def _masks_of(self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return self.to_masks(logits, sizes)
 
 
 def _groups(
