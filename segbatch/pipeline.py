@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from segbatch import __version__, io, sinks
 from segbatch.actor import SegmentActor, result_rows
 from segbatch.config import InferenceConfig, JobConfig, to_yaml
@@ -187,36 +189,14 @@ def _schema_flags(items: list[InputItem]) -> dict[str, bool]:
     }
 
 
-def run_job(job: JobConfig, plan: Plan | None = None) -> int:
-    """Run the whole job; returns the exit code (0 ok, 1 too many errors)."""
+def _dataset(
+    job: JobConfig, info: ModelInfo, inference: InferenceConfig, rows_in: list[dict[str, Any]]
+) -> Any:
+    """The Ray Data plan: read -> decode (CPU tasks) -> SegmentActor pool -> result rows."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    started = time.perf_counter()
-    plan = plan or plan_job(job)
-    info, items = plan.info, plan.items
-    out = job.output.path
     options = job.storage.options
-    sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
-
-    todo = None
-    if job.output.resume:
-        _check_resumable(job, info)
-        todo = ~sinks.read_done(out, [it.uri for it in items], options)
-        log.warning(
-            "resuming: %d of %d inputs already have an ok row; running %d",
-            len(items) - int(todo.sum()),
-            len(items),
-            int(todo.sum()),
-        )
-
-    _init_ray(job)
-    resources = ray.cluster_resources()
-    inference = resolve_inference(job.inference, resources.get("CPU", 1), resources.get("GPU", 0))
-    model_cfg = dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
-    job = dataclasses.replace(job, inference=inference, model=model_cfg)
-    io.write_bytes_atomic(io.join(out, sinks.JOB_FILE), to_yaml(job).encode(), options)
-
     ctx = DataContext.get_current()
     show_bars = job.ray.progress_bars if job.ray.progress_bars is not None else sys.stderr.isatty()
     ctx.enable_progress_bars = show_bars
@@ -236,19 +216,6 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         code = _pack_code(info.code_path)
         ship_info = dataclasses.replace(info, code_path=Path(info.code_path).name)
 
-    n = len(items)
-    rows_in = [
-        {
-            "index": i,
-            "uri": it.uri,
-            "rel_path": it.rel_path,
-            "error": it.error or "",
-            "offset": -1 if it.offset is None else it.offset,
-            "size": -1 if it.size is None else it.size,
-        }
-        for i, it in enumerate(items)
-        if todo is None or todo[i]
-    ]
     n_todo = len(rows_in)
     read_rows = 16
     ds: Any = ray.data.from_items(
@@ -293,6 +260,54 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         **actor_args,
     )
 
+    return ds
+
+
+def run_job(job: JobConfig, plan: Plan | None = None) -> int:
+    """Run the whole job; returns the exit code (0 ok, 1 too many errors)."""
+    import ray
+
+    started = time.perf_counter()
+    plan = plan or plan_job(job)
+    info, items = plan.info, plan.items
+    out = job.output.path
+    options = job.storage.options
+    sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
+
+    todo = None
+    if job.output.resume:
+        _check_resumable(job, info)
+        todo = ~sinks.read_done(out, [it.uri for it in items], options)
+        log.warning(
+            "resuming: %d of %d inputs already have an ok row; running %d",
+            len(items) - int(todo.sum()),
+            len(items),
+            int(todo.sum()),
+        )
+
+    _init_ray(job)
+    resources = ray.cluster_resources()
+    inference = resolve_inference(job.inference, resources.get("CPU", 1), resources.get("GPU", 0))
+    model_cfg = dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
+    job = dataclasses.replace(job, inference=inference, model=model_cfg)
+    io.write_bytes_atomic(io.join(out, sinks.JOB_FILE), to_yaml(job).encode(), options)
+
+    n = len(items)
+    rows_in = [
+        {
+            "index": i,
+            "uri": it.uri,
+            "rel_path": it.rel_path,
+            "error": it.error or "",
+            "offset": -1 if it.offset is None else it.offset,
+            "size": -1 if it.size is None else it.size,
+        }
+        for i, it in enumerate(items)
+        if todo is None or todo[i]
+    ]
+    n_todo = len(rows_in)
+    ds = _dataset(job, info, inference, rows_in)
+
     flags = _schema_flags(items)
     schema = sinks.results_schema(
         info.classes,
@@ -308,8 +323,6 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     last_log = time.perf_counter()
     last_done = 0
     stopped_early: str | None = None
-    import numpy as np
-
     retries_total = 0
     batches = ds.iter_batches(batch_size=None, batch_format="numpy") if n_todo else []
     failure: str | None = None
