@@ -56,6 +56,7 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
 
     ``fetch_weights=False`` (``segbatch validate``) checks checkpoints but downloads nothing.
     """
+    job = _channels_from_bands(job)
     info = resolve_model(job.model, job.preprocess)
     if job.model.code_path is not None and not Path(job.model.code_path).exists():
         from segbatch.errors import ConfigError
@@ -80,6 +81,17 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
     items = list_inputs(job.input, job.storage.options)
     _check_weights(job, info, fetch_weights)
     return Plan(job=job, info=info, items=items)
+
+
+def _channels_from_bands(job: JobConfig) -> JobConfig:
+    """U-Net and user models take as many channels as preprocess.bands selects, unless
+    model.in_channels says otherwise (torchvision models take RGB)."""
+    from segbatch.models import TORCHVISION_MODELS
+
+    bands = job.preprocess.bands
+    if bands is None or job.model.in_channels is not None or job.model.name in TORCHVISION_MODELS:
+        return job
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, in_channels=len(bands)))
 
 
 def _check_weights(job: JobConfig, info: ModelInfo, fetch: bool = True) -> None:
@@ -269,7 +281,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     started = time.perf_counter()
     plan = plan or plan_job(job)
-    info, items = plan.info, plan.items
+    job, info, items = plan.job, plan.info, plan.items
     out = job.output.path
     options = job.storage.options
     sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)

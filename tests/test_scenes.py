@@ -211,3 +211,23 @@ def test_medical_inputs(tmp_path: Path) -> None:
     # No patient data copied into outputs.
     text = json.dumps(rows, default=str) + (tmp_path / "out" / "summary.json").read_text()
     assert str(ds.PatientName) not in text
+
+
+def test_bands_select_channels_and_set_in_channels(tmp_path: Path) -> None:
+    """preprocess.bands picks and orders bands (1-based); a U-Net's in_channels follows them."""
+    (row,) = run(
+        tmp_path / "out",
+        [str(SAT / "landsat7_andros_rgb.tif")],
+        **{
+            "model.name": "unet",
+            "model.weights": "none",
+            "model.unet.depth": 2,
+            "model.unet.base_channels": 8,
+            "preprocess.bands": [3, 1],
+            "preprocess.stretch": "percentile",
+        },
+    )
+    assert row["status"] == "ok", row["error"]
+    assert row["px_class_0"] + row["px_class_1"] + row["px_nodata"] == 791 * 718
+    job = (tmp_path / "out" / "job.yaml").read_text()
+    assert "in_channels: 2" in job
