@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segbatch import io, sinks
+from segbatch import sinks
 from segbatch.components import count_components
 from segbatch.config import JobConfig
 from segbatch.loader import (
@@ -109,9 +109,7 @@ class SegmentActor:
         from segbatch.geo import GeoTiffMaskWriter, geo_info_from_dict
 
         info = geo_info_from_dict(geo)
-        uri = io.under_root(
-            io.join(self.job.output.path, sinks.MASKS_DIR), sinks.mask_rel_path(rel_path, ".tif")
-        )
+        uri = sinks.mask_uri(self.job.output.path, rel_path, ".tif")
         height, width = mask.shape
         with GeoTiffMaskWriter(
             uri,

@@ -15,6 +15,7 @@ is moved (local) or uploaded (fsspec) to its URI only when the writer is closed 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -450,8 +451,13 @@ class GeoTiffMaskWriter:
             self.abort()
 
 
+def geo_info_to_dict(geo: GeoInfo) -> dict[str, Any]:
+    """A GeoInfo as JSON-able data, to travel in a row's ``meta``; see geo_info_from_dict."""
+    return dataclasses.asdict(geo)
+
+
 def geo_info_from_dict(data: dict[str, Any]) -> GeoInfo:
-    """The inverse of ``dataclasses.asdict(GeoInfo)``, after a trip through JSON."""
+    """The inverse of ``geo_info_to_dict``, after a trip through JSON."""
     return GeoInfo(
         crs=data["crs"],
         transform=tuple(float(v) for v in data["transform"]),

@@ -7,7 +7,6 @@ decoding one file sets that row's ``error`` and leaves the rest of the batch unt
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -240,16 +239,20 @@ def decode_batch(
     return out
 
 
-def _fit_channels(image: np.ndarray, channels: int, what: str) -> np.ndarray:
-    """(H, W, C) -> (H, W, channels): one band is repeated for a 3-channel model, as grey is."""
-    if image.shape[2] == channels:
-        return image
-    if image.shape[2] == 1 and channels == 3:
-        return np.repeat(image, 3, axis=2)
-    raise DecodeError(
-        f"{what} has {image.shape[2]} bands but the model takes {channels} channels; choose "
-        "bands with preprocess.bands (1-based) or set model.in_channels"
-    )
+def check_channels(bands: int, channels: int, what: str) -> None:
+    """An input of ``bands`` bands can feed a ``channels``-channel model: the same count, or one
+    band repeated for a 3-channel model (as grey photos are)."""
+    if bands != channels and not (bands == 1 and channels == 3):
+        raise DecodeError(
+            f"{what} has {bands} bands but the model takes {channels} channels; choose "
+            "bands with preprocess.bands (1-based) or set model.in_channels"
+        )
+
+
+def fit_channels(image: np.ndarray, channels: int, what: str = "this image") -> np.ndarray:
+    """(H, W, C) -> (H, W, channels), or a DecodeError when they cannot fit (check_channels)."""
+    check_channels(image.shape[2], channels, what)
+    return np.repeat(image, 3, axis=2) if image.shape[2] != channels else image
 
 
 def decode_one(
@@ -287,7 +290,7 @@ def _decode_dicom(data: bytes, channels: int, pre: PreprocessConfig) -> Decoded:
         return Decoded(KIND_VOLUME, np.zeros((0, 0, channels), np.uint8), height, width, meta=meta)
     window = resolve_window(pre.window)
     image = apply_window(dicom.frames[0], window, invert=dicom.monochrome1)[:, :, None]
-    image = _fit_channels(image, channels, "this DICOM image")
+    image = fit_channels(image, channels, "this DICOM image")
     return Decoded(KIND_IMAGE, image, height, width, meta=meta)
 
 
@@ -299,15 +302,14 @@ def _decode_raster(
     stream_above_px: int,
     storage_options: Mapping[str, Any] | None,
 ) -> Decoded:
-    from segbatch.geo import RasterScene
+    from segbatch.geo import RasterScene, geo_info_to_dict
 
     with RasterScene(uri, pre, dict(storage_options or {})) as scene:
-        meta = {"geo": dataclasses.asdict(scene.geo)}
-        if scene.count != channels and not (scene.count == 1 and channels == 3):
-            _fit_channels(np.zeros((1, 1, scene.count), np.uint8), channels, "this raster")
+        meta = {"geo": geo_info_to_dict(scene.geo)}
+        check_channels(scene.count, channels, "this raster")
         if scene.height * scene.width > stream_above_px:
             empty = np.zeros((0, 0, channels), dtype=np.uint8)
             return Decoded(KIND_SCENE, empty, scene.height, scene.width, meta=meta)
         image, valid = scene.read_all()
-    image = _fit_channels(image, channels, "this raster")
+    image = fit_channels(image, channels, "this raster")
     return Decoded(KIND_IMAGE, image, image.shape[0], image.shape[1], valid, meta)

@@ -19,6 +19,7 @@ import torch
 
 from segbatch import io, sinks
 from segbatch.config import JobConfig
+from segbatch.loader import fit_channels
 from segbatch.models import ModelInfo
 from segbatch.overlays import palette
 from segbatch.predictor import Predictor, mask_dtype
@@ -39,12 +40,6 @@ class SceneResult:
     mask: np.ndarray | None = None  # the label array when it is small enough to keep (volumes)
 
 
-def _fit(image: np.ndarray, channels: int) -> np.ndarray:
-    if image.shape[2] == 1 and channels == 3:
-        return np.repeat(image, 3, axis=2)
-    return image
-
-
 def mask_palette(num_classes: int) -> list[tuple[int, int, int]] | None:
     """The colour table of a uint8 GeoTIFF mask (256 entries, 255 = nodata); none above 256."""
     return palette(num_classes)[:256] if num_classes <= 256 else None
@@ -54,7 +49,7 @@ def segment_raster(
     predictor: Predictor, uri: str, rel_path: str, job: JobConfig, info: ModelInfo
 ) -> SceneResult:
     """Segment a large GeoTIFF by windows into ``OUT/masks/<rel>.tif`` (tiled, same CRS)."""
-    from segbatch.geo import GeoTiffMaskWriter, RasterScene
+    from segbatch.geo import GeoTiffMaskWriter, RasterScene, geo_info_to_dict
 
     options = dict(job.storage.options)
     dtype = mask_dtype(info.num_classes)
@@ -63,13 +58,11 @@ def segment_raster(
     counts = np.zeros(k, dtype=np.int64)
     nodata_px = 0
     with RasterScene(uri, job.preprocess, options) as scene:
-        mask_uri = io.under_root(
-            io.join(job.output.path, sinks.MASKS_DIR), sinks.mask_rel_path(rel_path, ".tif")
-        )
-        meta = {"geo": _geo_dict(scene.geo)}
+        mask_uri = sinks.mask_uri(job.output.path, rel_path, ".tif")
+        meta = {"geo": geo_info_to_dict(scene.geo)}
 
         def read_tiles(windows: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
-            tiles = [_fit(scene.read_window(*w)[0], info.in_channels) for w in windows]
+            tiles = [fit_channels(scene.read_window(*w)[0], info.in_channels) for w in windows]
             return predictor.prepare(np.stack(tiles))
 
         with GeoTiffMaskWriter(
@@ -103,12 +96,6 @@ def segment_raster(
                     job.tiling.segment_width_px,
                 )
         return SceneResult(mask_uri, scene.height, scene.width, counts, nodata_px, meta)
-
-
-def _geo_dict(geo: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(geo)
 
 
 def _volume_window(values: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
@@ -153,7 +140,9 @@ def segment_volume(
         axis, index = job.input.slice_axis, job.input.volume_index
         slices = nifti_slices(vol, axis, index)
         win = _volume_window(vol.data, window)
-        images = [_fit(apply_window(s.image, win)[:, :, None], info.in_channels) for s in slices]
+        images = [
+            fit_channels(apply_window(s.image, win)[:, :, None], info.in_channels) for s in slices
+        ]
         masks = predictor.segment(images, None, batch_size)
         label = assemble_nifti_mask(
             vol,
@@ -161,7 +150,7 @@ def segment_volume(
             axis,
             index,
         )
-        mask_uri = io.under_root(masks_root, sinks.mask_rel_path(rel_path, ".nii.gz"))
+        mask_uri = sinks.mask_uri(job.output.path, rel_path, ".nii.gz")
         io.write_bytes_atomic(mask_uri, nifti_mask_bytes(label, vol), options)
         counts = pixel_counts(label, k)
         meta = {"volume_ml": volume_ml(counts, vol.zooms_mm).tolist()}
@@ -170,7 +159,9 @@ def segment_volume(
 
     dicom = read_dicom(data)
     images = [
-        _fit(apply_window(f, window, invert=dicom.monochrome1)[:, :, None], info.in_channels)
+        fit_channels(
+            apply_window(f, window, invert=dicom.monochrome1)[:, :, None], info.in_channels
+        )
         for f in dicom.frames
     ]
     masks = predictor.segment(images, None, batch_size)

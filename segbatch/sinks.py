@@ -106,6 +106,11 @@ def mask_rel_path(rel_path: str, suffix: str = ".png") -> str:
     return stem + suffix
 
 
+def mask_uri(out_root: str, rel_path: str, suffix: str = ".png") -> str:
+    """``OUT/masks/<rel path, extension replaced by suffix>``, never outside ``out_root``."""
+    return io.under_root(io.join(out_root, MASKS_DIR), mask_rel_path(rel_path, suffix))
+
+
 def encode_mask_png(mask: np.ndarray, num_classes: int) -> bytes:
     """(H, W) uint8 -> palette PNG; uint16 (over 256 classes) -> 16-bit grey PNG."""
     if mask.dtype == np.uint8:
@@ -126,7 +131,7 @@ def write_mask(
     storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Write one PNG mask atomically; returns its URI (inside ``out_root``, always)."""
-    uri = io.under_root(io.join(out_root, MASKS_DIR), mask_rel_path(rel_path))
+    uri = mask_uri(out_root, rel_path)
     io.write_bytes_atomic(uri, encode_mask_png(mask, num_classes), storage_options)
     return uri
 
