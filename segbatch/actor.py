@@ -68,8 +68,9 @@ class SegmentActor:
         self.predictor = Predictor(info, job.inference, job.tiling, self.options)
         self.pool = ThreadPoolExecutor(max_workers=max(1, job.output.mask_write_threads))
         # Logits become masks (resize to the original size, argmax) in this thread while the
-        # next group goes through the model: on a CPU that is a second core at work.
-        self.post_pool = ThreadPoolExecutor(max_workers=1)
+        # next group goes through the model (inference.post_threads; 0: in turn with it).
+        post = job.inference.post_threads or 0
+        self.post_pool = ThreadPoolExecutor(max_workers=post) if post > 0 else None
 
     def _segment(
         self, images: list[np.ndarray], sizes: list[tuple[int, int]]

@@ -94,7 +94,12 @@ class InferenceConfig:
     workers: int | tuple[int, int] | None = None
     gpus_per_worker: float = 1.0
     cpus_per_worker: float | None = None
+    # torch threads per actor. None: all the node's cores over the actors on CPU, 2 on GPU.
     threads_per_worker: int | None = None
+    # Threads turning logits into masks (resize to the original size, argmax) while the next
+    # batch runs through the model. None: 1 on GPU, and on CPU 1 only when the actors' torch
+    # threads leave a core free (a busy core slows every torch parallel region); else 0.
+    post_threads: int | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     channels_last: bool = False
     # Extra Ray resources per actor, e.g. {worker_node: 1}: actors only go to nodes offering them.
@@ -237,6 +242,10 @@ def _check(cfg: JobConfig) -> None:
     inf, til = cfg.inference, cfg.tiling
     if inf.batch_size is not None and inf.batch_size < 1:
         problems.append("inference.batch_size must be at least 1")
+    if inf.threads_per_worker is not None and inf.threads_per_worker < 1:
+        problems.append("inference.threads_per_worker must be at least 1 (or unset: per device)")
+    if inf.post_threads is not None and inf.post_threads < 0:
+        problems.append("inference.post_threads must be 0 or more (0: masks made in turn)")
     workers = inf.workers
     if isinstance(workers, int) and workers < 1:
         problems.append("inference.workers must be at least 1")

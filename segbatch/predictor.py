@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from segbatch.config import InferenceConfig, TilingConfig
+from segbatch.logits import resize_argmax
 from segbatch.models import ModelInfo, build_model
 from segbatch.tiling import needs_tiling, sliding_window_logits
 
@@ -106,9 +106,11 @@ class Predictor:
         else:
             x = x.to(torch.float32)
         x = x.sub(self.mean).div(self.std)
-        if self.inference.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        # The HWC array viewed as CHW is channels_last in memory, and torch keeps that layout
+        # through the network. fp32 NCHW unless asked: the notebook's ToTensor gives contiguous
+        # NCHW, and the same layout runs the same convolution kernels, so the same masks.
+        fmt = torch.channels_last if self.inference.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) normalized -> (N, K, h, w) float32 logits."""
@@ -125,17 +127,9 @@ class Predictor:
     def to_masks(self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """(N, K, h, w) logits -> N masks of ``sizes[i]``, one at a time to bound memory."""
         out = []
-        for i, (height, width) in enumerate(sizes):
-            li = logits[i : i + 1]
-            if li.shape[-2:] != (height, width):
-                li = F.interpolate(li, size=(height, width), mode="bilinear", align_corners=False)
-            if li.device.type == "cpu":
-                # Over a contiguous last axis argmax is ~1.6x faster than over the first; both
-                # return the first maximum, so the masks are the same (docs/performance.md).
-                classes = li[0].permute(1, 2, 0).contiguous().argmax(-1)
-            else:
-                classes = li[0].argmax(0)
-            out.append(classes.to("cpu", torch.int32).numpy().astype(self.out_dtype))
+        for i, size in enumerate(sizes):
+            classes = resize_argmax(logits[i], (size[0], size[1]))
+            out.append(classes.cpu().numpy().astype(self.out_dtype, copy=False))
         return out
 
     # -- the public entry ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from segbatch.config import TilingConfig
+from segbatch.logits import argmax_classes
 
 Window = tuple[int, int, int, int]  # (y0, x0, h, w) in pixels of the whole image
 
@@ -315,7 +316,7 @@ class _SegmentStream:
         """Write the first ``rows`` buffer rows, which no later tile touches."""
         # Divided in place: these rows are overwritten by the shift next, and a divided copy
         # would briefly double the accumulator.
-        block = self.numer[:, :rows].div_(self.denom[:rows]).argmax(0)
+        block = argmax_classes(self.numer[:, :rows].div_(self.denom[:rows]))
         self.write_block(self.top, self.c0, block.cpu().numpy().astype(np.int64, copy=False))
 
     def _advance(self) -> None:

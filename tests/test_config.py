@@ -52,6 +52,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "inference.gpus_per_worker": (0.5, 0.5),
     "inference.cpus_per_worker": (2, 2.0),
     "inference.threads_per_worker": (3, 3),
+    "inference.post_threads": (0, 0),
     "inference.precision": ("bf16", "bf16"),
     "inference.channels_last": (True, True),
     "inference.resources": ({"worker_node": 1}, {"worker_node": 1}),
@@ -227,6 +228,8 @@ def test_unknown_key_far_from_everything_has_no_suggestion() -> None:
         ("preprocess.std", [0.5, 0], "above 0"),
         ("preprocess.bands", [0, 1], "1-based"),
         ("inference.gpus_per_worker", 0, "above 0"),
+        ("inference.threads_per_worker", 0, "at least 1"),
+        ("inference.post_threads", -1, "0 or more"),
     ],
 )
 def test_type_and_range_errors(key: str, value: Any, message: str) -> None:
@@ -334,3 +337,30 @@ def test_to_yaml_round_trips_through_load_job(tmp_path: Path) -> None:
     job.write_text(to_yaml(cfg))
     assert load_job(job) == cfg
     assert to_dict(cfg)["preprocess"]["resize"] == [520, 520]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cpus", "gpus", "expected"),
+    [
+        # CPU: one actor per core with one torch thread, no mask thread beside it (measured:
+        # docs/performance.md); above CPU_WORKERS_MAX actors, the cores go to torch threads.
+        ({}, 2, 0, {"workers": 2, "batch_size": 1, "threads_per_worker": 1, "post_threads": 0}),
+        ({}, 1, 0, {"workers": 1, "threads_per_worker": 1, "post_threads": 0}),
+        ({}, 16, 0, {"workers": 4, "threads_per_worker": 4, "post_threads": 0}),
+        ({}, 6, 0, {"workers": 4, "threads_per_worker": 1, "post_threads": 1}),
+        ({"inference.workers": 1}, 2, 0, {"threads_per_worker": 2, "post_threads": 0}),
+        ({"inference.threads_per_worker": 2}, 8, 0, {"workers": 4, "post_threads": 0}),
+        ({"inference.workers": [1, 3]}, 12, 0, {"threads_per_worker": 4}),
+        # Fewer torch threads than cores: the free core makes masks meanwhile.
+        ({"inference.workers": 1, "inference.threads_per_worker": 1}, 2, 0, {"post_threads": 1}),
+        ({"inference.post_threads": 2}, 2, 0, {"post_threads": 2}),
+        # GPU: one actor per GPU, masks made while the next batch runs.
+        ({}, 16, 4, {"device": "cuda", "workers": 4, "batch_size": 16, "post_threads": 1}),
+        ({"inference.gpus_per_worker": 0.5}, 16, 1, {"workers": 2}),
+    ],
+)
+def test_per_device_defaults(overrides: dict[str, Any], cpus, gpus, expected) -> None:
+    from segbatch.pipeline import resolve_inference
+
+    inf = resolve_inference(load_job(None, overrides).inference, cpus, gpus)
+    assert {k: getattr(inf, k) for k in expected} == expected
