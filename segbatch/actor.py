@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -74,18 +75,24 @@ class SegmentActor:
 
     def _segment(
         self, images: list[np.ndarray], sizes: list[tuple[int, int]]
-    ) -> list[np.ndarray | BaseException]:
-        """Masks for images; if the batch fails (one bad size, out of memory), each image alone."""
+    ) -> Iterator[tuple[int, np.ndarray | BaseException]]:
+        """``(index, mask)`` as each group is done; if a group fails (one bad size, out of
+        memory), every image not yet done alone, an error in place of a mask where that fails."""
+        done: set[int] = set()
         try:
-            return list(self.predictor.segment(images, sizes, self.batch_size, self.post_pool))
+            for j, mask in self.predictor.segment_iter(
+                images, sizes, self.batch_size, self.post_pool
+            ):
+                done.add(j)
+                yield j, mask
         except Exception:
-            results: list[np.ndarray | BaseException] = []
-            for image, size in zip(images, sizes, strict=True):
+            for j, (image, size) in enumerate(zip(images, sizes, strict=True)):
+                if j in done:
+                    continue
                 try:
-                    results.append(self.predictor.segment([image], [size], 1)[0])
+                    yield j, self.predictor.segment([image], [size], 1)[0]
                 except Exception as exc:
-                    results.append(exc)
-            return results
+                    yield j, exc
 
     def _write(
         self, index: int, rel_path: str, image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]
@@ -142,7 +149,9 @@ class SegmentActor:
         images = [batch["image"][i] for i in todo]
         sizes = [(int(heights[i]), int(widths[i])) for i in todo]
         futures: dict[int, Future[str]] = {}
-        for i, result in zip(todo, self._segment(images, sizes), strict=True):
+        # Each mask goes to the write pool as soon as it is made, while the next image runs.
+        for j, result in self._segment(images, sizes):
+            i = todo[j]
             if isinstance(result, BaseException):
                 errors[i] = f"inference failed: {error_message(result)}"
                 continue

@@ -280,13 +280,14 @@ def _mask_times(out: Path) -> list[float]:
     return sorted(p.stat().st_mtime for p in (out / "masks").rglob("*.png"))
 
 
-def steady_rate(mask_mtimes: Sequence[float], batch_size: int) -> float:
+def steady_rate(mask_mtimes: Sequence[float], batch_size: int, workers: int = 1) -> float:
     """Images/s after the warm-up: masks after the first ``k`` over the time since the k-th.
 
-    ``k`` is the first batch or the first 10% of the masks, whichever is more.
+    ``k`` is the first batch of every actor (they start together and finish their first
+    batches together) or the first 10% of the masks, whichever is more.
     """
     n = len(mask_mtimes)
-    k = max(batch_size, math.ceil(WARMUP_FRACTION * n))
+    k = max(batch_size * workers, math.ceil(WARMUP_FRACTION * n))
     if n - k < 2:
         raise ValueError(f"{n} masks are too few for a steady rate; raise --count")
     return (n - k) / (mask_mtimes[-1] - mask_mtimes[k - 1])
@@ -305,8 +306,11 @@ def end_to_end(cfg: BenchConfig, images: Path, out: Path) -> dict[str, Any]:
         raise RuntimeError(f"run_job exited {code}; see {out}/summary.json")
     summary = json.loads((out / "summary.json").read_text())
     times = _mask_times(out)
+    inference = summary["inference"]
+    workers = inference["workers"]
+    workers = max(workers) if isinstance(workers, list) else int(workers)
     return {
-        "images_per_s": steady_rate(times, int(summary["inference"]["batch_size"])),
+        "images_per_s": steady_rate(times, int(inference["batch_size"]), workers),
         "first_mask_s": times[0] - started,
         "wall_s": float(summary["wall_time_s"]),
         "time_to_first_result_s": float(summary["time_to_first_result_s"]),

@@ -114,6 +114,8 @@ def _check_weights(job: JobConfig, info: ModelInfo, fetch: bool = True) -> None:
 # The most CPU actors chosen by default: each is a process with its own model and activations
 # (1 to 2 GB for the torchvision models at 520 px), so more would trade memory for little speed.
 CPU_WORKERS_MAX = 4
+# Rows per read block: one storage round of up to 8 parallel reads, decoded together.
+READ_ROWS = 16
 
 
 def resolve_inference(
@@ -242,7 +244,9 @@ def _dataset(
         ship_info = dataclasses.replace(info, code_path=Path(info.code_path).name)
 
     n_todo = len(rows_in)
-    read_rows = 16
+    # Blocks of READ_ROWS rows, smaller when that would leave actors without work (a few
+    # images of a slow model: 6 images in one block would all go to one actor).
+    read_rows = max(1, min(READ_ROWS, math.ceil(n_todo / max_w)))
     ds: Any = ray.data.from_items(
         rows_in, override_num_blocks=max(1, min(n_todo, math.ceil(n_todo / read_rows)))
     )

@@ -10,7 +10,7 @@ global pooling (DeepLabV3's ASPP, LRASPP), so a batch is split into groups of on
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -147,10 +147,23 @@ class Predictor:
         ``pool``: where to turn logits into masks (resize to the original size, argmax); with a
         thread pool that runs while the next group goes through the model.
         """
-        sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         masks: list[np.ndarray | None] = [None] * len(images)
+        for i, mask in self.segment_iter(images, sizes, batch_size, pool):
+            masks[i] = mask
+        return [m for m in masks if m is not None]
+
+    def segment_iter(
+        self,
+        images: Sequence[np.ndarray],
+        sizes: Sequence[tuple[int, int]] | None = None,
+        batch_size: int | None = None,
+        pool: Executor | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``segment``, yielding ``(index, mask)`` as soon as each group's masks are made, so
+        that the caller can write them while the next group runs."""
+        sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         step = batch_size or len(images) or 1
-        pending: list[tuple[list[int], Future[list[np.ndarray]]]] = []
+        pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()
         for idx in _groups(images, sizes, self.info.resize, step):
             batch = np.stack([images[i] for i in idx])
             h, w = sizes[idx[0]]
@@ -158,15 +171,15 @@ class Predictor:
                 logits = self.logits(self.prepare(batch, model_input_size(h, w, self.info.resize)))
             group_sizes = [sizes[i] for i in idx]
             if pool is None:
-                done: Future[list[np.ndarray]] = Future()
-                done.set_result(self._masks_of(logits, group_sizes))
-                pending.append((idx, done))
-            else:
-                pending.append((idx, pool.submit(self._masks_of, logits, group_sizes)))
-        for idx, fut in pending:
-            for j, i in enumerate(idx):
-                masks[i] = fut.result()[j]
-        return [m for m in masks if m is not None]
+                yield from zip(idx, self._masks_of(logits, group_sizes), strict=True)
+                continue
+            pending.append((idx, pool.submit(self._masks_of, logits, group_sizes)))
+            while pending and pending[0][1].done():
+                done_idx, fut = pending.popleft()
+                yield from zip(done_idx, fut.result(), strict=True)
+        while pending:
+            done_idx, fut = pending.popleft()
+            yield from zip(done_idx, fut.result(), strict=True)
 
     def _masks_of(self, logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         with torch.inference_mode():

@@ -30,6 +30,13 @@ def test_steady_rate_skips_the_warm_up() -> None:
         bench.steady_rate([1.0, 2.0], batch_size=1)
 
 
+def test_steady_rate_with_actors_finishing_in_waves() -> None:
+    # 2 actors, 4 s per image each: masks arrive in pairs at 5, 9, 13, 17 s. Steady rate 0.5/s;
+    # measuring from the first mask alone would count 7 masks in 12 s (0.58/s).
+    times = [t for t in (5.0, 9.0, 13.0, 17.0) for _ in range(2)]
+    assert bench.steady_rate(times, batch_size=1, workers=2) == pytest.approx(0.5)
+
+
 def test_bench_smoke(tmp_path: Path, ray_session: None) -> None:
     out = tmp_path / "bench.json"
     code = cli.main(
