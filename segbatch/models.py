@@ -858,6 +858,18 @@ def build_net(info: ModelInfo) -> nn.Module:
     raise _unknown_model(info.name)
 
 
+def parameter_count(info: ModelInfo) -> int | None:
+    """How many parameters the network has, counted without allocating them (meta device);
+    None when the network cannot be built that way (a user model that insists on real tensors).
+    """
+    try:
+        with torch.device("meta"):
+            net = build_net(info)
+    except Exception:
+        return None
+    return sum(p.numel() for p in net.parameters())
+
+
 def build_model(
     info: ModelInfo,
     device: torch.device | str = "cpu",

@@ -28,7 +28,7 @@ from segbatch import __version__, io, sinks
 from segbatch.actor import SegmentActor, result_rows
 from segbatch.config import InferenceConfig, JobConfig, to_yaml
 from segbatch.loader import decode_batch, read_batch
-from segbatch.models import ModelInfo, resolve_model
+from segbatch.models import ModelInfo, parameter_count, resolve_model
 from segbatch.sources import InputItem, extension_of, list_inputs
 from segbatch.stats import Totals, class_columns
 
@@ -114,14 +114,26 @@ def _check_weights(job: JobConfig, info: ModelInfo, fetch: bool = True) -> None:
 # The most CPU actors chosen by default: each is a process with its own model and activations
 # (1 to 2 GB for the torchvision models at 520 px), so more would trade memory for little speed.
 CPU_WORKERS_MAX = 4
+# Below this many parameters a model is light: on the CPU, one actor per core with one thread
+# each. Heavier models get one actor with up to HEAVY_MODEL_THREADS threads. Measured on 2 cores
+# (docs/performance.md): lraspp (3.2 M) ran end to end 1.2x faster as 2 actors x 1 thread than
+# as 1 x 2; deeplabv3_resnet50 (42 M) ran 2x slower.
+LIGHT_MODEL_PARAMS = 20_000_000
+HEAVY_MODEL_THREADS = 8
 # Rows per read block: one storage round of up to 8 parallel reads, decoded together.
 READ_ROWS = 16
 
 
 def resolve_inference(
-    inf: InferenceConfig, cluster_cpus: float, cluster_gpus: float
+    inf: InferenceConfig,
+    cluster_cpus: float,
+    cluster_gpus: float,
+    model_params: int | None = None,
 ) -> InferenceConfig:
-    """Fill the per-device defaults (measured: see docs/performance.md)."""
+    """Fill the per-device defaults (measured: see docs/performance.md).
+
+    ``model_params``: the network's parameter count, which picks the CPU layout (None: heavy).
+    """
     device = inf.device
     if device == "auto":
         device = "cuda" if cluster_gpus > 0 else "cpu"
@@ -138,12 +150,13 @@ def resolve_inference(
             post_threads=1 if inf.post_threads is None else inf.post_threads,
         )
     cpus = max(1, int(cluster_cpus))
-    # One actor per core, one torch thread each, up to CPU_WORKERS_MAX actors (each holds a
-    # model and its activations); above that the actors share the cores as torch threads. On 2
-    # cores, 2 actors x 1 thread ran end to end 1.2-1.3x faster than 1 actor x 2 threads and
-    # steadier: one actor decodes and makes masks while the other runs the model, and no torch
-    # parallel region waits on a thread that Ray's own processes delayed (docs/performance.md).
-    per_thread = inf.threads_per_worker or 1
+    # Light models: one actor per core, one torch thread each, up to CPU_WORKERS_MAX actors;
+    # one actor decodes and makes masks while another runs the model, and no torch parallel
+    # region waits on a thread that Ray's own processes delayed. Heavy models: their forward
+    # pass parallelises well and two copies fight over memory bandwidth, so few actors with
+    # many threads. Past the actor cap, the cores go to torch threads.
+    light = model_params is not None and model_params < LIGHT_MODEL_PARAMS
+    per_thread = inf.threads_per_worker or (1 if light else HEAVY_MODEL_THREADS)
     workers = inf.workers or max(1, min(CPU_WORKERS_MAX, cpus // per_thread))
     n_workers = workers if isinstance(workers, int) else workers[1]
     threads = inf.threads_per_worker or max(1, cpus // n_workers)
@@ -316,7 +329,9 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     _init_ray(job)
     resources = ray.cluster_resources()
-    inference = resolve_inference(job.inference, resources.get("CPU", 1), resources.get("GPU", 0))
+    inference = resolve_inference(
+        job.inference, resources.get("CPU", 1), resources.get("GPU", 0), parameter_count(info)
+    )
     model_cfg = dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
     job = dataclasses.replace(job, inference=inference, model=model_cfg)
     io.write_bytes_atomic(io.join(out, sinks.JOB_FILE), to_yaml(job).encode(), options)

@@ -339,28 +339,58 @@ def test_to_yaml_round_trips_through_load_job(tmp_path: Path) -> None:
     assert to_dict(cfg)["preprocess"]["resize"] == [520, 520]
 
 
+LIGHT, HEAVY = 3_200_000, 42_000_000  # lraspp_mobilenet_v3_large, deeplabv3_resnet50
+
+
 @pytest.mark.parametrize(
-    ("overrides", "cpus", "gpus", "expected"),
+    ("overrides", "cpus", "gpus", "params", "expected"),
     [
-        # CPU: one actor per core with one torch thread, no mask thread beside it (measured:
-        # docs/performance.md); above CPU_WORKERS_MAX actors, the cores go to torch threads.
-        ({}, 2, 0, {"workers": 2, "batch_size": 1, "threads_per_worker": 1, "post_threads": 0}),
-        ({}, 1, 0, {"workers": 1, "threads_per_worker": 1, "post_threads": 0}),
-        ({}, 16, 0, {"workers": 4, "threads_per_worker": 4, "post_threads": 0}),
-        ({}, 6, 0, {"workers": 4, "threads_per_worker": 1, "post_threads": 1}),
-        ({"inference.workers": 1}, 2, 0, {"threads_per_worker": 2, "post_threads": 0}),
-        ({"inference.threads_per_worker": 2}, 8, 0, {"workers": 4, "post_threads": 0}),
-        ({"inference.workers": [1, 3]}, 12, 0, {"threads_per_worker": 4}),
+        # CPU, light model: one actor per core with one torch thread, no mask thread beside it
+        # (measured: docs/performance.md); above CPU_WORKERS_MAX actors, cores go to threads.
+        ({}, 2, 0, LIGHT, {"workers": 2, "batch_size": 1, "threads_per_worker": 1}),
+        ({}, 2, 0, LIGHT, {"post_threads": 0}),
+        ({}, 1, 0, LIGHT, {"workers": 1, "threads_per_worker": 1, "post_threads": 0}),
+        ({}, 16, 0, LIGHT, {"workers": 4, "threads_per_worker": 4, "post_threads": 0}),
+        ({}, 6, 0, LIGHT, {"workers": 4, "threads_per_worker": 1, "post_threads": 1}),
+        # CPU, heavy or unknown model: one actor per 8 cores, all cores as torch threads.
+        ({}, 2, 0, HEAVY, {"workers": 1, "threads_per_worker": 2, "post_threads": 0}),
+        ({}, 2, 0, None, {"workers": 1, "threads_per_worker": 2}),
+        ({}, 32, 0, HEAVY, {"workers": 4, "threads_per_worker": 8}),
+        # What the job sets wins; the rest follows from it.
+        ({"inference.workers": 1}, 2, 0, LIGHT, {"threads_per_worker": 2, "post_threads": 0}),
+        ({"inference.threads_per_worker": 2}, 8, 0, LIGHT, {"workers": 4, "post_threads": 0}),
+        ({"inference.workers": [1, 3]}, 12, 0, HEAVY, {"threads_per_worker": 4}),
         # Fewer torch threads than cores: the free core makes masks meanwhile.
-        ({"inference.workers": 1, "inference.threads_per_worker": 1}, 2, 0, {"post_threads": 1}),
-        ({"inference.post_threads": 2}, 2, 0, {"post_threads": 2}),
+        (
+            {"inference.workers": 1, "inference.threads_per_worker": 1},
+            2,
+            0,
+            HEAVY,
+            {"post_threads": 1},
+        ),
+        ({"inference.post_threads": 2}, 2, 0, LIGHT, {"post_threads": 2}),
         # GPU: one actor per GPU, masks made while the next batch runs.
-        ({}, 16, 4, {"device": "cuda", "workers": 4, "batch_size": 16, "post_threads": 1}),
-        ({"inference.gpus_per_worker": 0.5}, 16, 1, {"workers": 2}),
+        ({}, 16, 4, LIGHT, {"device": "cuda", "workers": 4, "batch_size": 16, "post_threads": 1}),
+        ({"inference.gpus_per_worker": 0.5}, 16, 1, HEAVY, {"workers": 2}),
     ],
 )
-def test_per_device_defaults(overrides: dict[str, Any], cpus, gpus, expected) -> None:
+def test_per_device_defaults(overrides: dict[str, Any], cpus, gpus, params, expected) -> None:
     from segbatch.pipeline import resolve_inference
 
-    inf = resolve_inference(load_job(None, overrides).inference, cpus, gpus)
+    inf = resolve_inference(load_job(None, overrides).inference, cpus, gpus, params)
     assert {k: getattr(inf, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "light"),
+    [("lraspp_mobilenet_v3_large", True), ("unet", True), ("deeplabv3_resnet50", False)],
+)
+def test_parameter_count_sorts_models_without_building_them(name: str, light: bool) -> None:
+    from segbatch.config import ModelConfig, PreprocessConfig
+    from segbatch.models import parameter_count, resolve_model
+    from segbatch.pipeline import LIGHT_MODEL_PARAMS
+
+    count = parameter_count(
+        resolve_model(ModelConfig(name=name, weights="none"), PreprocessConfig())
+    )
+    assert count is not None and (count < LIGHT_MODEL_PARAMS) == light
