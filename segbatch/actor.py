@@ -29,6 +29,7 @@ from segbatch.loader import (
     error_message,
     errors_in,
     errors_out,
+    image_at,
 )
 from segbatch.models import ModelInfo
 from segbatch.overlays import render_panels, save_panels
@@ -146,7 +147,7 @@ class SegmentActor:
         metas = [json.loads(m) if isinstance(m, str) and m else {} for m in batch["meta"]]
 
         todo = [i for i in range(n) if batch["kind"][i] == KIND_IMAGE and errors[i] is None]
-        images = [batch["image"][i] for i in todo]
+        images = [image_at(batch, i) for i in todo]
         sizes = [(int(heights[i]), int(widths[i])) for i in todo]
         futures: dict[int, Future[str]] = {}
         # Each mask goes to the write pool as soon as it is made, while the next image runs.
@@ -165,7 +166,7 @@ class SegmentActor:
                 self._write,
                 int(batch["index"][i]),
                 str(batch["rel_path"][i]),
-                batch["image"][i],
+                images[j],
                 result,
                 metas[i],
             )

@@ -197,7 +197,8 @@ def decode_batch(
 ) -> Batch:
     """Replace ``data`` by ``image``, ``valid``, ``kind``, ``width``, ``height``, ``meta``.
 
-    ``image``: (h, w, C) arrays, uint8 images resized for the model here, on the CPU, as
+    ``image``: (h, w, C) arrays (as bytes, ``image_shape``, ``image_dtype``: read them with
+    ``image_at``), uint8 images resized for the model here, on the CPU, as
     torchvision's preset does on a PIL image (so batches travel at the model's size);
     ``width``/``height`` stay the original size. ``valid``: (H, W) bool, False at nodata, or
     (0, 0). Large GeoTIFFs and volumes become ``scene``/``volume`` rows the actor reads itself.
@@ -229,7 +230,12 @@ def decode_batch(
         decoded.append(item)
     out = {k: v for k, v in batch.items() if k != "data"}
     no_valid = np.zeros((0, 0), dtype=bool)
-    out["image"] = [d.image for d in decoded]
+    # Images travel as raw bytes plus shape and dtype: as arrays, Ray Data types the column per
+    # block (uint8 photos, float32 DICOM, the uint8 placeholders of error rows) and cannot
+    # concatenate two blocks whose types differ, which crashed the whole job.
+    out["image"] = np.array([*(d.image.tobytes() for d in decoded), b""], dtype=object)[:-1]
+    out["image_shape"] = np.array([d.image.shape for d in decoded], dtype=np.int64).reshape(n, 3)
+    out["image_dtype"] = np.array([d.image.dtype.str for d in decoded], dtype=object)
     out["valid"] = [d.valid if d.valid is not None else no_valid for d in decoded]
     out["kind"] = np.array([d.kind for d in decoded], dtype=object)
     out["width"] = np.array([d.width for d in decoded], dtype=np.int64)
@@ -237,6 +243,13 @@ def decode_batch(
     out["meta"] = np.array([json.dumps(d.meta) for d in decoded], dtype=object)
     out["error"] = errors_out(errors)
     return out
+
+
+def image_at(batch: Batch, i: int) -> np.ndarray:
+    """Row ``i``'s ``(h, w, C)`` image from a decoded batch (read-only, no copy)."""
+    shape = tuple(int(v) for v in batch["image_shape"][i])
+    dtype = np.dtype(str(batch["image_dtype"][i]))
+    return np.frombuffer(batch["image"][i], dtype=dtype).reshape(shape)
 
 
 def check_channels(bands: int, channels: int, what: str) -> None:

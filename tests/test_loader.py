@@ -18,6 +18,7 @@ from segbatch.loader import (
     decode_one,
     error_message,
     errors_in,
+    image_at,
     read_batch,
 )
 
@@ -89,21 +90,21 @@ def test_read_then_decode_mixed_batch(files: dict[str, Path]) -> None:
     assert "empty" in errors[3]
     assert "not an image" in errors[4]
 
-    cat = out["image"][0]
+    cat = image_at(out, 0)
     assert cat.shape == (300, 451, 3)
     with Image.open(files["cat"]) as im:
         np.testing.assert_array_equal(cat, np.asarray(im.convert("RGB")))
-    small = out["image"][2]
+    small = image_at(out, 2)
     np.testing.assert_array_equal(small, np.asarray(Image.open(files["small"])))
-    grey = out["image"][5]
+    grey = image_at(out, 5)
     assert grey.shape == (4, 5, 3)
     assert grey.dtype == np.uint8
     assert grey[0, 0, 0] == 0
     assert grey[-1, -1, 0] == round(19 * (65536 // 20) / 257)
 
     for i in (1, 3, 4):
-        assert out["image"][i].shape == (0, 0, 3)
-        assert out["image"][i].dtype == np.uint8
+        assert image_at(out, i).shape == (0, 0, 3)
+        assert image_at(out, i).dtype == np.uint8
     assert list(out["width"]) == [451, -1, 7, -1, -1, 5]
     assert list(out["height"]) == [300, -1, 5, -1, -1, 4]
     assert out["width"].dtype == np.int64
@@ -122,15 +123,15 @@ def test_preset_errors_pass_through_untouched(files: dict[str, Path]) -> None:
     out = decode_batch(read)
     assert errors_in(out["error"]) == [None, message, "already broken"]
     assert list(out["kind"]) == [KIND_IMAGE, KIND_ERROR, KIND_ERROR]
-    assert out["image"][0].shape == (5, 7, 3)
+    assert image_at(out, 0).shape == (5, 7, 3)
 
 
 def test_one_channel_decoding(files: dict[str, Path]) -> None:
     out = decode_batch(read_batch(_batch([str(files["grey16"]), str(files["empty"])])), channels=1)
-    assert out["image"][0].shape == (4, 5, 1)
-    assert out["image"][0].dtype == np.float32
-    assert out["image"][0][-1, -1, 0] == pytest.approx(19 * (65536 // 20) / 65535)
-    assert out["image"][1].shape == (0, 0, 1)
+    assert image_at(out, 0).shape == (4, 5, 1)
+    assert image_at(out, 0).dtype == np.float32
+    assert image_at(out, 0)[-1, -1, 0] == pytest.approx(19 * (65536 // 20) / 65535)
+    assert image_at(out, 1).shape == (0, 0, 1)
 
 
 def test_pixel_limit_is_an_error_row(files: dict[str, Path]) -> None:
@@ -143,7 +144,7 @@ def test_empty_batch() -> None:
     read = read_batch(_batch([]))
     assert read["data"].shape == (0,)
     out = decode_batch(read)
-    assert list(out["image"]) == []
+    assert list(out["image"]) == [] and out["image_shape"].shape == (0, 3)
     assert out["kind"].shape == (0,)
 
 
@@ -190,7 +191,7 @@ def test_read_batch_memory_filesystem() -> None:
     fs.pipe("/loader-test/a.png", buf.getvalue())
     try:
         out = decode_batch(read_batch(_batch(["memory://loader-test/a.png"])))
-        np.testing.assert_array_equal(out["image"][0], im)
+        np.testing.assert_array_equal(image_at(out, 0), im)
     finally:
         fs.rm("/loader-test", recursive=True)
 
@@ -213,12 +214,12 @@ def test_nan_error_column_from_ray_means_no_error(files: dict[str, Path]) -> Non
 def test_resize_keeps_original_size_columns(files: dict[str, Path]) -> None:
     read = read_batch(_batch([str(files["cat"]), str(files["empty"])]))
     out = decode_batch(read, resize=150)
-    assert out["image"][0].shape == (150, 225, 3)  # shorter side 300 -> 150
-    assert out["image"][0].dtype == np.uint8
+    assert image_at(out, 0).shape == (150, 225, 3)  # shorter side 300 -> 150
+    assert image_at(out, 0).dtype == np.uint8
     assert list(out["width"]) == [451, -1]
     assert list(out["height"]) == [300, -1]
-    assert out["image"][1].shape == (0, 0, 3)
+    assert image_at(out, 1).shape == (0, 0, 3)
     fixed = decode_batch(read, resize=(64, 32))
-    assert fixed["image"][0].shape == (64, 32, 3)
+    assert image_at(fixed, 0).shape == (64, 32, 3)
     same = decode_batch(read, resize="none")
-    assert same["image"][0].shape == (300, 451, 3)
+    assert image_at(same, 0).shape == (300, 451, 3)

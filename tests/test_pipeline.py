@@ -173,6 +173,33 @@ def test_bad_inputs_become_error_rows(tmp_path: Path) -> None:
     assert summary["images"]["ok"] == 2 and summary["images"]["error"] == 6
 
 
+def test_blocks_of_different_image_types_in_one_job(tmp_path: Path) -> None:
+    """uint8 photos, a float32 DICOM and error rows land in different blocks (1 row per block
+    here); Ray Data must still hand them to the actors together, as one job."""
+    pytest.importorskip("pydicom")
+    medical = Path(__file__).parent / "data" / "medical"
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(PHOTOS / "chelsea_cat.png", src / "a_cat.png")
+    (src / "b_broken.png").write_bytes(b"not a png")
+    shutil.copy(medical / "ct_small.dcm", src / "c_ct.dcm")
+    (src / "d_broken.png").write_bytes(b"")
+    cfg = job(
+        tmp_path,
+        [str(src)],
+        **{"inference.workers": 4, "inference.batch_size": 1, "max_error_fraction": 0.9},
+    )
+    assert run_job(cfg) == 0
+    rows = {Path(r["path"]).name: r for r in read_results(tmp_path / "out")}
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "a_cat.png": "ok",
+        "b_broken.png": "error",
+        "c_ct.dcm": "ok",
+        "d_broken.png": "error",
+    }
+    assert rows["c_ct.dcm"]["width"] == rows["c_ct.dcm"]["height"] == 128
+
+
 def test_error_fraction_above_limit_exits_1(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
