@@ -41,7 +41,8 @@ def argmax_classes(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(0).to(dtype)
     if _classes_innermost(logits):  # channels_last: each pixel's logits are contiguous
         return logits.permute(1, 2, 0).argmax(-1).to(dtype)
-    logits = logits.contiguous()
+    # No copy: the planes may be views (a scene's accumulator rows), and the elementwise steps
+    # give the same numbers on any strides.
     return _running_argmax(lambda k: logits[k], logits.shape[0], logits.shape[1:], logits)
 
 

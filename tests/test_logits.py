@@ -85,3 +85,11 @@ def test_channels_last_logits_give_what_torch_gives_for_them(size) -> None:
     got = resize_argmax(logits[0], size)
     expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
     assert torch.equal(got.long(), expected)
+
+
+def test_argmax_of_a_view_needs_no_copy() -> None:
+    """A streamed scene hands over the first rows of its accumulator, a strided view."""
+    buffer = smooth_logits(7, 64, 48, seed=2)
+    view = buffer[:, :20]
+    assert not view.is_contiguous()
+    assert torch.equal(argmax_classes(view).long(), view.argmax(0))
