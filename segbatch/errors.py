@@ -38,6 +38,18 @@ class OutputExistsError(SegbatchUsageError, FileExistsError):
     """The output root holds files and --overwrite was not given."""
 
 
+class NotSegbatchOutputError(SegbatchUsageError, FileNotFoundError):
+    """--resume names an output root without ``job.yaml``: no segbatch run to continue."""
+
+
+class OutputPathError(SegbatchUsageError, NotADirectoryError):
+    """The output root would be created below a regular file."""
+
+
+class OutputNotWritableError(SegbatchUsageError, PermissionError):
+    """The output root (or the folder it would be created in) cannot be written."""
+
+
 class UnsafePathError(SegbatchError, ValueError):
     """An output path would land outside the output root."""
 

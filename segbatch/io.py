@@ -21,7 +21,12 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from segbatch.errors import MissingDependencyError, UnsafePathError
+from segbatch.errors import (
+    MissingDependencyError,
+    OutputNotWritableError,
+    OutputPathError,
+    UnsafePathError,
+)
 
 T = TypeVar("T")
 
@@ -237,17 +242,75 @@ def write_bytes_atomic(
     with_retries(put, retries)
 
 
-def remove_stale_temps(uri: str, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Delete temp files a killed run left below a local folder; returns how many."""
+# The temp names segbatch's writers use: '.<name>.tmp-<8 hex>' (write_bytes_atomic) and
+# '.<name>.<32 hex>.tmp' (the GeoTIFF mask writer). Nothing else is treated as a stale temp.
+STALE_TEMP_RE = re.compile(r"^\.[^/]*(\.tmp-[0-9a-f]{8}|\.[0-9a-f]{32}\.tmp)$")
+
+
+def remove_stale_temps(
+    uri: str, storage_options: Mapping[str, Any] | None = None, recursive: bool = False
+) -> int:
+    """Delete temp files a killed run left in a local folder (and below it with ``recursive``);
+    returns how many. Only segbatch's temp names (``STALE_TEMP_RE``) are touched."""
     if not is_local(uri):
         return 0  # object store writes are single PUTs: nothing is left half-written
     fs, path = get_fs(uri, storage_options)
-    if not fs.exists(path):
+    if not fs.isdir(path):
         return 0
-    stale = [p for p in fs.find(path) if re.search(r"/\.[^/]*\.tmp-[0-9a-f]{8}$", p)]
+    files = fs.find(path) if recursive else fs.ls(path, detail=False)
+    stale = [p for p in files if STALE_TEMP_RE.match(posixpath.basename(p)) and fs.isfile(p)]
     for p in stale:
         fs.rm_file(p)
     return len(stale)
+
+
+def remove_empty_dirs(uri: str) -> None:
+    """Remove the empty folders below a local folder, and the folder itself when it ends empty.
+
+    Object stores have no folders to leave behind: nothing to do there.
+    """
+    if not is_local(uri):
+        return
+    _, path = get_fs(uri)
+    if not os.path.isdir(path):
+        return
+    for folder, _, _ in os.walk(path, topdown=False):
+        if not os.listdir(folder):
+            os.rmdir(folder)
+
+
+def check_writable_local(uri: str) -> None:
+    """Fail now when a local folder cannot be created or written (exit 2 before Ray starts).
+
+    The nearest existing ancestor must be a folder, and a probe file must be creatable in it:
+    permission bits say little when running as root (a read-only mount still refuses). Object
+    stores are not probed: their permissions show only on the first write.
+    """
+    if not is_local(uri):
+        return
+    _, path = get_fs(uri)
+    probe_dir = os.path.abspath(path)
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise OutputPathError(
+            f"output {uri!r} cannot be created: {probe_dir!r} is a file, not a folder; choose an "
+            "--output outside it"
+        )
+    # The probe has a stale-temp name, so a run killed right here leaves nothing unknown.
+    probe = os.path.join(probe_dir, f".segbatch-probe.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"output {uri!r} is not writable: no file can be created in {probe_dir!r} "
+            f"({exc.strerror or exc}); choose an --output on a writable filesystem, or fix its "
+            "permissions"
+        ) from exc
 
 
 def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:

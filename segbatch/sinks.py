@@ -11,9 +11,11 @@ Layout under the output root ``OUT``::
 
 from __future__ import annotations
 
+import contextlib
 import io as stdio
 import json
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segbatch import io
-from segbatch.errors import OutputExistsError
+from segbatch.errors import NotSegbatchOutputError, OutputExistsError
 from segbatch.overlays import flat_palette
 from segbatch.stats import Totals, class_columns
 
@@ -32,7 +34,11 @@ RESULTS_DIR = "results"
 OVERLAYS_DIR = "overlays"
 SUMMARY_FILE = "summary.json"
 JOB_FILE = "job.yaml"
-OWNED_OUTPUTS = (MASKS_DIR, RESULTS_DIR, OVERLAYS_DIR, SUMMARY_FILE, JOB_FILE)
+# The names segbatch gives its results parts and a multi-frame DICOM's frame masks: --overwrite
+# deletes files of these names only.
+PART_RE = re.compile(r"^part-[0-9]{5,}\.parquet$")
+FRAME_RE = re.compile(r"^frame_[0-9]{5,}\.png$")
+MASK_SUFFIXES = (".png", ".tif", ".nii.gz")
 
 # Columns every results file has, in order; the class columns follow.
 BASE_FIELDS = (
@@ -150,27 +156,127 @@ def write_overlay(
 def prepare_output(
     out_root: str, overwrite: bool, resume: bool, storage_options: Mapping[str, Any] | None = None
 ) -> None:
-    """Refuse a non-empty output root unless --overwrite (which clears segbatch's own outputs
-    only, never other files) or --resume."""
+    """Check the output root before Ray starts, and clear or tidy it as asked.
+
+    A missing or empty root is fine. A root counts as a segbatch output only when it holds
+    ``OUT/job.yaml``: --resume and --overwrite need one, and --overwrite then deletes only the
+    files segbatch wrote (see :func:`remove_own_outputs`), never other files.
+    """
     fs, path = io.get_fs(out_root, storage_options)
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
+    exists = bool(fs.exists(path))
+    if exists and not fs.isdir(path):
         raise OutputExistsError(f"output {io.redact(out_root)} is a file; give a folder")
-    entries = fs.ls(path, detail=False)
+    io.check_writable_local(out_root)
+    owned = exists and bool(fs.exists(io.join(path, JOB_FILE)))
     if resume:
-        io.remove_stale_temps(out_root, storage_options)
+        if not owned:
+            raise NotSegbatchOutputError(
+                f"--resume: {io.redact(out_root)} has no {JOB_FILE}, so it holds no segbatch run "
+                "to continue; give the --output of the run to resume, or start a run without "
+                "--resume (into an empty or new --output)"
+            )
+        remove_stale_temps(out_root, storage_options)
         return
-    if not entries:
+    if not exists or not fs.ls(path, detail=False):
         return
     if not overwrite:
         raise OutputExistsError(
             f"output {io.redact(out_root)} is not empty; pass --overwrite to replace segbatch's "
             "outputs there, --resume to continue a run, or choose another --output"
         )
-    for name in OWNED_OUTPUTS:
-        target = io.join(out_root, name)
-        io.remove_tree(target, storage_options)
+    if not owned:
+        raise OutputExistsError(
+            f"--overwrite: {io.redact(out_root)} holds files but no {JOB_FILE}, so it is not a "
+            "segbatch output and nothing there is segbatch's to delete; choose an empty or new "
+            "--output, or remove those files yourself"
+        )
+    remove_own_outputs(out_root, storage_options)
+
+
+def remove_stale_temps(out_root: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Delete the temp files a killed run left in segbatch's own folders; returns how many.
+
+    OUT itself and results/ are flat; masks/ and overlays/ are trees (they mirror the inputs).
+    """
+    removed = io.remove_stale_temps(out_root, storage_options)
+    removed += io.remove_stale_temps(io.join(out_root, RESULTS_DIR), storage_options)
+    for tree in (MASKS_DIR, OVERLAYS_DIR):
+        removed += io.remove_stale_temps(io.join(out_root, tree), storage_options, recursive=True)
+    return removed
+
+
+def _own_rel_path(mask_path: str, roots: Sequence[str]) -> str | None:
+    """The path of a row's mask below ``<root>/masks/`` for one of ``roots``, else None.
+
+    ``roots``: this run's output root and the one OUT/job.yaml recorded (the spelling the rows
+    were written with). A mask_path elsewhere is not this output's file: it is never deleted.
+    """
+    for root in roots:
+        prefix = io.join(root, MASKS_DIR) + "/"
+        if io.is_local(root):
+            mask_path, prefix = posixpath.normpath(mask_path), posixpath.normpath(prefix) + "/"
+        if mask_path.startswith(prefix) and len(mask_path) > len(prefix):
+            return io.safe_relpath(mask_path[len(prefix) :])
+    return None
+
+
+def _remove_file(fs: Any, path: str) -> None:
+    # Missing: never written (an overlay past output.overlays) or removed by an earlier try.
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
+def remove_own_outputs(out_root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """--overwrite: delete what segbatch wrote in a segbatch output root, nothing else.
+
+    That is job.yaml, summary.json, ``results/part-NNNNN.parquet``, the masks its rows name
+    (``mask_path``; a DICOM row's folder of ``frame_NNNNN.png``), the overlays of those rows,
+    and stale temps in those folders; then the folders left empty. Parts are read one at a
+    time (``mask_path`` only), so memory stays that of one part at any input count. job.yaml
+    goes last: an interrupted overwrite can be repeated.
+    """
+    import yaml
+
+    fs, path = io.get_fs(out_root, storage_options)
+    job_uri = io.join(out_root, JOB_FILE)
+    try:
+        recorded = (yaml.safe_load(io.read_bytes(job_uri, storage_options)) or {}).get("output")
+        first_root = recorded.get("path") if isinstance(recorded, dict) else None
+    except (yaml.YAMLError, AttributeError):
+        first_root = None
+    roots = [out_root, *([first_root] if isinstance(first_root, str) else [])]
+    masks_root = io.join(path, MASKS_DIR)
+    for uri in result_parts(out_root, storage_options):
+        if not PART_RE.match(posixpath.basename(uri)):
+            continue  # not a name segbatch writes
+        try:
+            with io.open_file(uri, "rb", storage_options) as fh:
+                mask_paths = pq.read_table(fh, columns=["mask_path"]).column("mask_path")
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            raise OutputExistsError(
+                f"--overwrite: {io.redact(uri)} cannot be read as segbatch results ({exc}), so "
+                "the masks it lists are unknown; remove the output yourself or choose another "
+                "--output"
+            ) from exc
+        for mask_path in mask_paths.to_pylist():
+            rel = _own_rel_path(mask_path, roots) if mask_path else None
+            if rel is None:
+                continue
+            mask = io.join(masks_root, rel)
+            # A multi-frame DICOM's mask is a folder of one PNG per frame (no mask suffix).
+            if not rel.lower().endswith(MASK_SUFFIXES) and fs.isdir(mask):
+                for frame in fs.ls(mask, detail=False):
+                    if FRAME_RE.match(posixpath.basename(frame)):
+                        _remove_file(fs, frame)
+            else:
+                _remove_file(fs, mask)
+            _remove_file(fs, io.join(path, OVERLAYS_DIR, mask_rel_path(rel)))
+        _remove_file(fs, io.get_fs(uri, storage_options)[1])
+    remove_stale_temps(out_root, storage_options)
+    _remove_file(fs, io.join(path, SUMMARY_FILE))
+    for folder in (MASKS_DIR, OVERLAYS_DIR, RESULTS_DIR):
+        io.remove_empty_dirs(io.join(out_root, folder))
+    _remove_file(fs, io.join(path, JOB_FILE))
 
 
 def table_from_rows(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -265,3 +265,28 @@ def test_open_file_checks_backend_first() -> None:
 def test_join_keeps_protocol() -> None:
     assert io.join("s3://b/out/", "masks", "/a/b.png") == "s3://b/out/masks/a/b.png"
     assert io.join("out", "x") == "out/x"
+
+
+def test_remove_stale_temps_only_segbatch_names_and_flat_unless_recursive(tmp_path: Path) -> None:
+    names = [
+        ".a.png.tmp-0123abcd",  # write_bytes_atomic's temp name
+        ".b.tif.0123456789abcdef0123456789abcdef.tmp",  # the GeoTIFF writer's
+        "sub/.c.png.tmp-0123abcd",
+        ".d.png.tmp-0123",  # too short: not a temp segbatch makes
+        "e.png.tmp-0123abcd",  # not hidden
+        "keep.png",
+    ]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+
+    def left() -> list[str]:
+        return sorted(
+            p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+        )
+
+    assert io.remove_stale_temps(str(tmp_path)) == 2
+    assert left() == sorted(names[2:])
+    assert io.remove_stale_temps(str(tmp_path), recursive=True) == 1
+    assert left() == sorted(names[3:])
+    assert io.remove_stale_temps(str(tmp_path / "missing"), recursive=True) == 0

@@ -15,7 +15,14 @@ import pytest
 from PIL import Image
 
 from segbatch import io
-from segbatch.errors import OutputExistsError, UnsafePathError
+from segbatch.errors import (
+    NotSegbatchOutputError,
+    OutputExistsError,
+    OutputNotWritableError,
+    OutputPathError,
+    SegbatchUsageError,
+    UnsafePathError,
+)
 from segbatch.overlays import flat_palette
 from segbatch.sinks import (
     ResultsWriter,
@@ -218,10 +225,19 @@ def test_prepare_output_missing_or_empty_is_fine(tmp_path: Path) -> None:
     prepare_output(str(tmp_path / "empty"), overwrite=False, resume=False)
 
 
+def _write_part(path: Path, mask_paths: list[str | None]) -> None:
+    """A results part whose rows name ``mask_paths`` (None: an error row)."""
+    rows = [
+        _row(i, mask_path=m) if m else _row(i, status="error", error="bad")
+        for i, m in enumerate(mask_paths)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table_from_rows(rows, results_schema(["a"])), path)
+
+
 def _fill_output(root: Path) -> None:
     for name in [
         "masks/a.png",
-        "results/part-00000.parquet",
         "overlays/a.png",
         "summary.json",
         "job.yaml",
@@ -230,6 +246,7 @@ def _fill_output(root: Path) -> None:
     ]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
+    _write_part(root / "results" / "part-00000.parquet", [f"{root}/masks/a.png"])
 
 
 def test_prepare_output_refuses_non_empty(tmp_path: Path) -> None:
@@ -262,12 +279,202 @@ def test_prepare_output_on_a_file(tmp_path: Path) -> None:
 
 
 def test_prepare_output_memory(memfs: Any) -> None:
+    memfs.pipe("/out/job.yaml", b"output: {path: 'memory://out'}\n")
     memfs.pipe("/out/masks/a.png", b"x")
+    memfs.pipe("/out/masks/mine.png", b"x")
     memfs.pipe("/out/other.txt", b"x")
+    buf = pa.BufferOutputStream()
+    rows = [_row(0, mask_path="memory://out/masks/a.png")]
+    pq.write_table(table_from_rows(rows, results_schema(["a"])), buf)
+    memfs.pipe("/out/results/part-00000.parquet", buf.getvalue().to_pybytes())
     with pytest.raises(OutputExistsError):
         prepare_output("memory://out", overwrite=False, resume=False)
     prepare_output("memory://out", overwrite=True, resume=False)
-    assert io.list_files("memory://out") == ["memory:///out/other.txt"]
+    assert io.list_files("memory://out") == [
+        "memory:///out/masks/mine.png",
+        "memory:///out/other.txt",
+    ]
+
+
+def test_overwrite_refuses_an_output_segbatch_did_not_write(tmp_path: Path) -> None:
+    """No OUT/job.yaml: nothing there is segbatch's, whatever the folder names say."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "thesis.docx").write_bytes(b"chapter 1")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "ground_truth.png").write_bytes(b"labels")
+    with pytest.raises(OutputExistsError, match=r"no job\.yaml") as info:
+        prepare_output(str(tmp_path), overwrite=True, resume=False)
+    assert "empty or new --output" in str(info.value)
+    assert (tmp_path / "results" / "thesis.docx").read_bytes() == b"chapter 1"
+    assert (tmp_path / "masks" / "ground_truth.png").read_bytes() == b"labels"
+
+
+def test_overwrite_deletes_only_the_files_segbatch_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ours = [
+        "job.yaml",
+        "summary.json",
+        "masks/a.png",
+        "masks/sub/b.tif",
+        "masks/vol.nii.gz",
+        "masks/scan/frame_00001.png",  # a multi-frame DICOM: its row names the folder
+        "masks/scan/frame_00002.png",
+        "overlays/a.png",
+        "overlays/sub/b.png",
+        "masks/.a.png.tmp-0123abcd",  # temps a killed run left
+        "masks/sub/.c.tif.0123456789abcdef0123456789abcdef.tmp",
+        "results/.part-00001.parquet.tmp-deadbeef",
+        ".summary.json.tmp-00ff00ff",
+    ]
+    theirs = [
+        "notes.txt",
+        "masks/ground_truth.png",  # no row names it
+        "masks/scan/notes.txt",
+        "masks/sub/.hidden.tmp",
+        "results/thesis.docx",
+        "results/extra.parquet",  # not segbatch's part name
+        "overlays/mine.png",
+    ]
+    for name in ours + theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    # Rows written by a run whose output was spelled differently (job.yaml records it).
+    first_root = "./somewhere/../out-as-written"
+    (out / "job.yaml").write_text(f"output:\n  path: {first_root}\n")
+    _write_part(
+        out / "results" / "part-00000.parquet",
+        [f"{first_root}/masks/a.png", f"{out}/masks/sub/b.tif", None],
+    )
+    _write_part(
+        out / "results" / "part-00001.parquet",
+        [
+            f"{out}/masks/vol.nii.gz",
+            f"{out}/masks/scan",
+            f"{tmp_path}/elsewhere/masks/notes.txt",  # outside OUT: never deleted
+        ],
+    )
+    (tmp_path / "elsewhere" / "masks").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "masks" / "notes.txt").write_bytes(b"x")
+    prepare_output(str(out), overwrite=True, resume=False)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == sorted(theirs)
+    # Folders left empty are gone; those still holding the user's files stay.
+    assert not (out / "overlays" / "sub").exists()
+    assert (out / "masks" / "sub").is_dir() and (out / "masks" / "scan").is_dir()
+    assert (tmp_path / "elsewhere" / "masks" / "notes.txt").exists()
+
+
+def test_overwrite_removes_folders_left_empty(tmp_path: Path) -> None:
+    _write_part(tmp_path / "results" / "part-00000.parquet", [f"{tmp_path}/masks/d/a.png"])
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    (tmp_path / "masks" / "d" / "a.png").write_bytes(b"x")
+    (tmp_path / "job.yaml").write_text("output: {}\n")
+    prepare_output(str(tmp_path), overwrite=True, resume=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_refuses_an_unreadable_part(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("output: {}\n")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").write_bytes(b"x")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(OutputExistsError, match="cannot be read"):
+        prepare_output(str(tmp_path), overwrite=True, resume=False)
+    assert (tmp_path / "masks" / "a.png").exists() and (tmp_path / "job.yaml").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "user files"])
+def test_resume_refuses_an_output_without_job_yaml(tmp_path: Path, make: str) -> None:
+    out = tmp_path / "out"
+    if make != "missing":
+        out.mkdir()
+    if make == "user files":
+        (out / "masks").mkdir()
+        (out / "masks" / ".draft.png.tmp-0123abcd").write_bytes(b"mine")
+    with pytest.raises(NotSegbatchOutputError, match=r"no job\.yaml") as info:
+        prepare_output(str(out), overwrite=False, resume=True)
+    assert isinstance(info.value, SegbatchUsageError)
+    assert "without --resume" in str(info.value)
+    if make == "user files":
+        assert (out / "masks" / ".draft.png.tmp-0123abcd").exists()
+
+
+def test_resume_removes_stale_temps_in_segbatch_folders_only(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("output: {}\n")
+    stale = [
+        ".job.yaml.tmp-0123abcd",
+        "results/.part-00000.parquet.tmp-0123abcd",
+        "masks/a/b/.c.png.tmp-0123abcd",
+        "masks/a/.d.tif.0123456789abcdef0123456789abcdef.tmp",
+        "overlays/x/.y.png.tmp-0123abcd",
+    ]
+    kept = [
+        "home/user/.bashrc.tmp-0123abcd",  # OUT is someone's home: not segbatch's folder
+        "results/deep/.p.parquet.tmp-0123abcd",  # results/ is flat
+        "masks/.e.png.tmp-XYZ",  # not segbatch's temp name
+        "masks/a.png",
+    ]
+    for name in stale + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    prepare_output(str(tmp_path), overwrite=False, resume=True)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted([*kept, "job.yaml"])
+
+
+def test_output_below_a_regular_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "report.pdf").write_bytes(b"%PDF")
+    with pytest.raises(OutputPathError, match=r"report\.pdf") as info:
+        prepare_output(str(tmp_path / "report.pdf" / "out" / "run1"), False, False)
+    assert isinstance(info.value, SegbatchUsageError)
+    assert (tmp_path / "report.pdf").read_bytes() == b"%PDF"
+
+
+def test_output_on_a_read_only_filesystem_is_refused() -> None:
+    # /sys is mounted read-only (or refuses new files) even for root; the probe must notice.
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    with pytest.raises(OutputNotWritableError, match="not writable") as info:
+        prepare_output("/sys/segbatch-out", overwrite=False, resume=False)
+    assert "'/sys'" in str(info.value)
+    assert isinstance(info.value, SegbatchUsageError)
+
+
+def test_output_not_writable_is_refused_when_the_probe_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    real_open = os.open
+
+    def read_only(path: str, flags: int, mode: int = 0o777) -> int:
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputNotWritableError, match="Read-only file system"):
+        prepare_output(str(tmp_path / "out"), overwrite=False, resume=False)
+
+
+def test_cli_refuses_an_unwritable_output_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segbatch import pipeline
+    from segbatch.cli import main
+    from tests.conftest import PHOTOS
+
+    def no_ray(job: Any) -> None:
+        raise AssertionError("Ray must not start for an output that cannot be written")
+
+    monkeypatch.setattr(pipeline, "_init_ray", no_ray)
+    (tmp_path / "file").write_text("x")
+    argv = ["run", "--input", str(PHOTOS), "--output", str(tmp_path / "file" / "out")]
+    assert main([*argv, "--model", "unet", "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and str(tmp_path / "file") in err
 
 
 @pytest.mark.parametrize(
