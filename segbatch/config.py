@@ -61,6 +61,10 @@ class ModelConfig:
     name: str = "lraspp_mobilenet_v3_large"
     # default | none | a torchvision weights enum name | a checkpoint URI
     weights: str = "default"
+    # What the weights are, recorded by the run in OUT/job.yaml and compared by --resume:
+    # 'sha256:<hex>' of a checkpoint's bytes, the torchvision weights enum's full name, or 'none'.
+    # None: computed by the run; a value given must match the weights (the run checks it).
+    weights_id: str | None = None
     classes: tuple[str, ...] | None = None
     num_classes: int | None = None
     in_channels: int | None = None

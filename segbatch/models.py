@@ -733,6 +733,43 @@ def fetch_pretrained(info: ModelInfo) -> None:
     _pretrained_state(info.name, _weights_member(info.name, info.weights))
 
 
+# Bytes read per step when hashing a checkpoint: memory stays flat whatever its size.
+_HASH_CHUNK_BYTES = 8 << 20
+
+
+def weights_id(info: ModelInfo, storage_options: Mapping[str, Any] | None = None) -> str:
+    """What the weights are, independent of how they were spelled; --resume compares it.
+
+    A checkpoint: ``'sha256:<hex>'`` of its bytes, streamed through fsspec (one read, on the
+    driver). torchvision weights: the enum's full name, e.g.
+    ``'LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1'`` (``default`` resolved).
+    ``'none'`` for random initialisation; a user model's other value as written.
+    """
+    import hashlib
+
+    kind = _weights_kind(info.name, info.weights)
+    if kind == "none":
+        return "none"
+    if kind in ("default", "enum"):
+        if info.name not in TORCHVISION_MODELS:
+            return info.weights
+        member = _weights_member(info.name, info.weights)
+        return f"{type(member).__name__}.{member.name}"
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(info.weights, "rb", **dict(storage_options or {})) as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"weights checkpoint {info.weights!r} does not exist; pass an existing file, "
+            "a torchvision weights name, default or none"
+        ) from exc
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights checkpoint {info.weights!r}: {exc}") from exc
+    return f"sha256:{digest.hexdigest()}"
+
+
 def _pretrained_state(name: str, weights: Any) -> dict[str, torch.Tensor]:
     url: str = weights.url
     file_name = os.path.basename(urllib.parse.urlparse(url).path)

@@ -314,6 +314,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     job, info, items = plan.job, plan.info, plan.items
     out = job.output.path
     options = job.storage.options
+    job = _with_weights_id(job, info)
     sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
 
     todo = None
@@ -437,31 +438,110 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     return 0
 
 
+def _with_weights_id(job: JobConfig, info: ModelInfo) -> JobConfig:
+    """The job with ``model.weights_id`` filled in (hashing a checkpoint once, on the driver);
+    a value the job gave must match the weights."""
+    from segbatch.errors import WeightsError
+    from segbatch.models import weights_id
+
+    found = weights_id(info, job.storage.options)
+    given = job.model.weights_id
+    if given is not None and given != found:
+        raise WeightsError(
+            f"model.weights_id is {given!r} but the weights {info.weights!r} are {found!r}; "
+            "point model.weights at the weights meant, or drop model.weights_id"
+        )
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, weights_id=found))
+
+
+# Every setting that shapes what a run writes (masks, rows, part files): a resumed run must match
+# the first on each, or one output would mix two jobs. Sections stand for all their keys.
+RESUME_KEYS = (
+    "input.format",
+    "input.image_column",
+    "input.path_column",
+    "input.max_image_pixels",
+    "input.slice_axis",
+    "input.volume_index",
+    "output.rows_per_file",
+    "output.nodata_value",
+    "model.name",
+    "model.weights_id",
+    "model.classes",
+    "model.num_classes",
+    "model.in_channels",
+    "model.unet",
+    "preprocess",
+    "inference.precision",
+    "inference.channels_last",
+    "tiling",
+    "stats",
+)
+_MISSING = object()
+
+
+def _get(data: Any, key: str) -> Any:
+    """The value at a dotted key of nested mappings, or _MISSING."""
+    node = data
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    return node
+
+
+def _leaves(data: Any, key: str) -> dict[str, Any]:
+    """{dotted key: value} of ``data`` at ``key`` and below (mappings are walked into)."""
+    node = _get(data, key)
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for name in node:
+            out.update(_leaves(data, f"{key}.{name}"))
+        return out
+    return {key: node}
+
+
 def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
-    """--resume continues the same job: the model and preprocessing must match OUT/job.yaml."""
+    """--resume continues the same job: every setting in RESUME_KEYS must match OUT/job.yaml.
+
+    ``job`` carries ``model.weights_id``, so the same checkpoint spelled another way resumes and
+    a checkpoint whose bytes changed does not. Every differing key is named in one error.
+    """
     import yaml
 
     from segbatch.config import to_dict
     from segbatch.errors import ConfigError
 
     uri = io.join(job.output.path, sinks.JOB_FILE)
-    if not io.exists(uri, job.storage.options):
-        return
     before = yaml.safe_load(io.read_bytes(uri, job.storage.options))
+    if not isinstance(before, dict):
+        before = {}
     now = to_dict(
-        dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
+        dataclasses.replace(
+            job,
+            model=dataclasses.replace(
+                job.model, classes=info.classes, num_classes=info.num_classes
+            ),
+        )
     )
-    for key in ("name", "weights", "classes"):
-        if before.get("model", {}).get(key) != now[key]:
-            raise ConfigError(
-                f"--resume: model.{key} is {now[key]!r} but the first run used "
-                f"{before.get('model', {}).get(key)!r} ({io.redact(uri)}); resume with the same "
-                "model, or write to a new output"
-            )
-    if before.get("preprocess") != to_dict(job.preprocess):
+    # A key the first run's segbatch did not write yet had its default value then.
+    defaults = to_dict(JobConfig())
+    keys = list(RESUME_KEYS)
+    if "weights_id" not in (before.get("model") or {}):
+        keys[keys.index("model.weights_id")] = "model.weights"  # written by an older segbatch
+    differ = []
+    for key in keys:
+        for leaf, value in _leaves(now, key).items():
+            was = _get(before, leaf)
+            if was is _MISSING:
+                was = _get(defaults, leaf)
+            if was is _MISSING:
+                was = None
+            if was != value:
+                differ.append(f"{leaf}: first run {was!r}, this run {value!r}")
+    if differ:
         raise ConfigError(
-            f"--resume: preprocess differs from the first run ({io.redact(uri)}); resume with the "
-            "same preprocessing, or write to a new output"
+            f"--resume: settings differ from the first run ({io.redact(uri)}):\n  - "
+            + "\n  - ".join(differ)
+            + "\nresume with the first run's settings, or write to a new --output"
         )
 
 

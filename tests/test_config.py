@@ -31,6 +31,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "output.nodata_value": (0, 0),
     "model.name": ("unet", "unet"),
     "model.weights": ("none", "none"),
+    "model.weights_id": ("none", "none"),
     "model.classes": (["bg", "cat"], ("bg", "cat")),
     "model.num_classes": (3, 3),
     "model.in_channels": (1, 1),

@@ -244,3 +244,152 @@ def test_kill_driver_on_s3_then_resume_is_exactly_once(
         summary = json.loads(fs.cat_file("scenes/out/summary.json"))
         assert summary["images"] == {"total": 40, "ok": 40, "error": 0, "not_run": 0}
         assert sum(summary["pixels"].values()) == 40 * 160 * 200
+
+
+@pytest.fixture(scope="module")
+def first_run(
+    tmp_path_factory: pytest.TempPathFactory, unet_checkpoint: str, ray_session: None
+) -> dict[str, Path]:
+    """One finished run of 3 inputs whose checkpoint lives in its own folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("first")
+    inputs, out, ckpt = root / "in", root / "out", root / "ck" / "unet.pt"
+    make_inputs(inputs, 3)
+    ckpt.parent.mkdir()
+    shutil.copy(unet_checkpoint, ckpt)
+    from segbatch.cli import build_parser, load_from_args
+
+    argv = ["run", *args(inputs, out, str(ckpt))]
+    assert run_job(load_from_args(build_parser().parse_args(argv))) == 0
+    return {"inputs": inputs, "out": out, "ckpt": ckpt}
+
+
+def _resume_argv(run: dict[str, Path], out: Path, ckpt: str, *extra: str) -> list[str]:
+    return ["run", *args(run["inputs"], out, ckpt), "--resume", *extra]
+
+
+def test_resume_accepts_the_same_checkpoint_spelled_another_way(
+    first_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import yaml
+
+    from segbatch.cli import build_parser, load_from_args
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    first_yaml = yaml.safe_load((out / "job.yaml").read_text())
+    monkeypatch.chdir(first_run["ckpt"].parent)
+    argv = _resume_argv(first_run, out, "./unet.pt")
+    assert run_job(load_from_args(build_parser().parse_args(argv))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"] == {"inputs_run": 0, "inputs_skipped": 3}
+    recorded = first_yaml["model"]["weights_id"]
+    assert recorded.startswith("sha256:") and len(recorded) == len("sha256:") + 64
+    assert yaml.safe_load((out / "job.yaml").read_text())["model"]["weights_id"] == recorded
+
+
+def test_resume_refuses_a_checkpoint_whose_contents_changed(
+    first_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    import yaml
+
+    from segbatch.cli import main
+
+    ckpt = first_run["ckpt"]
+    original = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=True)
+    try:
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, ckpt)
+        changed = "sha256:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert main(_resume_argv(first_run, first_run["out"], str(ckpt))) == 2
+    finally:
+        ckpt.write_bytes(original)
+    recorded = yaml.safe_load((first_run["out"] / "job.yaml").read_text())["model"]["weights_id"]
+    assert recorded == "sha256:" + hashlib.sha256(original).hexdigest()
+    err = capsys.readouterr().err
+    assert f"model.weights_id: first run {recorded!r}, this run {changed!r}" in err
+
+
+def test_resume_with_other_output_settings_names_every_difference(
+    first_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segbatch.cli import main
+
+    out = first_run["out"]
+    mtime = (out / "summary.json").stat().st_mtime_ns
+    argv = _resume_argv(
+        first_run, out, str(first_run["ckpt"]),
+        "--set", "output.rows_per_file=3", "--set", "output.nodata_value=200",
+        "--set", "inference.precision=bf16", "--set", "tiling.overlap=0.5",
+        "--set", "input.max_image_pixels=1000000", "--set", "stats.min_component_px=4",
+    )  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for line in [
+        "output.rows_per_file: first run 5, this run 3",
+        "output.nodata_value: first run 255, this run 200",
+        "inference.precision: first run 'fp32', this run 'bf16'",
+        "tiling.overlap: first run 0.25, this run 0.5",
+        "input.max_image_pixels: first run 89478485, this run 1000000",
+        "stats.min_component_px: first run 1, this run 4",
+    ]:
+        assert line in err
+    assert err.count(": first run ") == 6  # nothing else differs
+    assert (out / "summary.json").stat().st_mtime_ns == mtime  # refused before running
+
+
+def test_resume_refuses_a_folder_that_is_not_a_segbatch_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segbatch.cli import main
+
+    home = tmp_path / "home"
+    (home / "project").mkdir(parents=True)
+    mine = home / "project" / ".notes.txt.tmp-0123abcd"
+    mine.write_text("draft")
+    argv = ["run", "--input", str(PHOTOS), "--output", str(home), "--model", "unet"]
+    assert main([*argv, "--weights", "none", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no job.yaml" in err and "without --resume" in err
+    assert mine.read_text() == "draft"
+
+
+def test_weights_id_names_what_the_weights_are(tmp_path: Path) -> None:
+    import hashlib
+
+    from segbatch.config import ModelConfig, PreprocessConfig
+    from segbatch.models import resolve_model, weights_id
+
+    pre = PreprocessConfig()
+    full = "LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1"
+    for weights in ("default", "COCO_WITH_VOC_LABELS_V1", full):
+        info = resolve_model(ModelConfig(weights=weights), pre)
+        assert weights_id(info) == full
+    assert weights_id(resolve_model(ModelConfig(weights="none"), pre)) == "none"
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(bytes(range(256)) * 100_000)  # over one read chunk
+    info = resolve_model(ModelConfig(name="unet", weights=str(ckpt)), pre)
+    assert weights_id(info) == "sha256:" + hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def test_a_given_weights_id_must_match_the_weights(tmp_path: Path) -> None:
+    from segbatch.errors import WeightsError
+
+    job = load_job(
+        None,
+        {
+            "input.paths": [str(PHOTOS)],
+            "output.path": str(tmp_path / "out"),
+            "model.name": "unet",
+            "model.weights": "none",
+            "model.weights_id": "sha256:" + "0" * 64,
+        },
+    )
+    with pytest.raises(WeightsError, match=r"model\.weights_id is 'sha256:0000"):
+        run_job(job)
+    assert not (tmp_path / "out").exists()
