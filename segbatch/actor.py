@@ -51,6 +51,11 @@ def unpack_code(files: dict[str, bytes], name: str) -> str:
     return os.path.join(root, name) if single else root
 
 
+def _storage_note(exc: BaseException) -> str:
+    """The marker the driver stops the job on when the output storage is full, else ''."""
+    return f"{sinks.STORAGE_FULL}: " if sinks.is_storage_full(exc) else ""
+
+
 class SegmentActor:
     """Predictor plus mask sink. ``__call__`` maps a decoded batch to result rows."""
 
@@ -184,7 +189,9 @@ class SegmentActor:
                         self.predictor, uri, rel, self.job, self.info, self.batch_size
                     )
             except Exception as exc:
-                errors[i] = f"segmenting this {kind} failed: {error_message(exc)}"
+                errors[i] = (
+                    f"segmenting this {kind} failed: {_storage_note(exc)}{error_message(exc)}"
+                )
                 continue
             mask_paths[i] = scene.mask_uri
             heights[i], widths[i] = scene.height, scene.width
@@ -195,7 +202,7 @@ class SegmentActor:
             try:
                 mask_paths[i] = fut.result()
             except Exception as exc:
-                errors[i] = f"writing the mask failed: {error_message(exc)}"
+                errors[i] = f"writing the mask failed: {_storage_note(exc)}{error_message(exc)}"
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),
             "uri": np.asarray(batch["uri"], dtype=object),

@@ -1,21 +1,28 @@
 """The command line: ``segbatch run | models | validate | bench``.
 
-Exit codes: 0 the job ran (error rows included) within max_error_fraction; 1 above it;
-2 usage or configuration errors, reported before any Ray work starts.
+Exit codes: 0 the job ran (error rows included) within max_error_fraction; 1 above it, or the
+job failed (its rows so far are written); 2 usage or configuration errors, reported before any
+Ray work starts; 130 interrupted by Ctrl-C (the rows done are written; --resume continues).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 from segbatch.config import JobConfig, load_job, parse_value, to_yaml
 from segbatch.errors import SegbatchUsageError
 
-EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -99,6 +106,45 @@ def load_from_args(args: argparse.Namespace) -> JobConfig:
     return load_job(args.job, overrides_from_args(args))
 
 
+@contextlib.contextmanager
+def sigint_stops_job() -> Iterator[None]:
+    """While inside: the first Ctrl-C raises KeyboardInterrupt, which ``run_job`` turns into a
+    clean stop (the rows done and summary.json are written, exit 130); a second one exits at
+    once with 130. The previous SIGINT handler is restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            print("segbatch: interrupted again: exiting now", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        print(
+            "segbatch: interrupted: writing the rows that are done (Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments with --resume (and
+    without --overwrite, which would start over)."""
+    kept = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in kept:
+        kept.append("--resume")
+    return shlex.join(["segbatch", *kept])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("segbatch").setLevel(logging.INFO)
@@ -116,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = load_from_args(args)
         from segbatch.pipeline import plan_job, run_job
 
-        plan = plan_job(job, fetch_weights=args.command == "run")
         if args.command == "validate":
+            plan = plan_job(job, fetch_weights=False)
             print(to_yaml(job), end="")
             print(
                 f"# valid: {len(plan.items)} inputs, model {plan.info.name} "
@@ -125,7 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_OK
-        return run_job(job, plan)
+        with sigint_stops_job():
+            try:
+                code = run_job(job, plan_job(job, fetch_weights=True))
+            except KeyboardInterrupt:  # before the first result or after the last
+                code = EXIT_INTERRUPTED
+        if code == EXIT_INTERRUPTED:
+            argv_used = list(sys.argv[1:] if argv is None else argv)
+            print(f"segbatch: to continue, run: {resume_command(argv_used)}", file=sys.stderr)
+        return code
     except SegbatchUsageError as exc:
         print(f"segbatch: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

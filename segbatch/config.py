@@ -45,6 +45,9 @@ class OutputConfig:
     # Three-panel overlays (image, mask, overlay) for the first N inputs.
     overlays: int = 4
     rows_per_file: int = 10_000
+    # A results part still filling is rewritten with its rows so far at least this often, so a
+    # killed driver loses this much work at most (--resume redoes it).
+    flush_every_s: float = 30.0
     mask_write_threads: int = 4
     # Mask value of nodata pixels; never counted as a class.
     nodata_value: int = 255
@@ -271,6 +274,8 @@ def _check(cfg: JobConfig) -> None:
         problems.append("max_error_fraction is a fraction from 0 to 1")
     if cfg.output.rows_per_file < 1:
         problems.append("output.rows_per_file must be at least 1")
+    if not cfg.output.flush_every_s > 0:
+        problems.append("output.flush_every_s must be above 0 (seconds between results writes)")
     if cfg.output.overlays < 0:
         problems.append("output.overlays must be 0 or more")
     resize = cfg.preprocess.resize

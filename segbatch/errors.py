@@ -93,3 +93,8 @@ class CheckpointNotFoundError(WeightsError, FileNotFoundError):
 
 class UserModelError(SegbatchUsageError, ValueError):
     """A user model (``module:callable``) cannot be imported or does not build a module."""
+
+
+class OutputWriteError(SegbatchError, OSError):
+    """A results file could not be written (a full disk, a lost mount); the job stops, keeps
+    what it wrote, and ``--resume`` continues once the output has room again."""

@@ -27,6 +27,7 @@ import numpy as np
 from segbatch import __version__, io, sinks
 from segbatch.actor import SegmentActor, result_rows
 from segbatch.config import InferenceConfig, JobConfig, to_yaml
+from segbatch.errors import OutputWriteError
 from segbatch.loader import decode_batch, read_batch
 from segbatch.models import ModelInfo, parameter_count, resolve_model
 from segbatch.sources import InputItem, extension_of, list_inputs
@@ -40,6 +41,9 @@ MAX_CODE_BYTES = 64 * 1024 * 1024
 EARLY_STOP_MIN_DONE = 100
 PROGRESS_EVERY_S = 10.0
 ROWS_PER_CALL_MIN = 4
+# What summary.json's stopped_early says after a Ctrl-C, and the exit code then (128 + SIGINT).
+INTERRUPTED = "interrupted (SIGINT)"
+EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -306,7 +310,8 @@ def _dataset(
 
 
 def run_job(job: JobConfig, plan: Plan | None = None) -> int:
-    """Run the whole job; returns the exit code (0 ok, 1 too many errors)."""
+    """Run the whole job; returns the exit code (0 ok, 1 too many errors or a failure, 130
+    interrupted by a KeyboardInterrupt: the rows done are written either way)."""
     import ray
 
     started = time.perf_counter()
@@ -362,7 +367,15 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         component_classes=job.stats.count_components,
     )
     class_cols = class_columns(info.classes)
-    writer = sinks.ResultsWriter(out, schema, n, job.output.rows_per_file, options, todo)
+    writer = sinks.ResultsWriter(
+        out,
+        schema,
+        n,
+        job.output.rows_per_file,
+        options,
+        todo,
+        flush_every_s=job.output.flush_every_s,
+    )
     totals = Totals(info.num_classes)
     first_result_s: float | None = None
     last_log = time.perf_counter()
@@ -371,6 +384,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     retries_total = 0
     batches = ds.iter_batches(batch_size=None, batch_format="numpy") if n_todo else []
     failure: str | None = None
+    interrupted = False
     try:
         for batch in batches:
             if first_result_s is None:
@@ -383,6 +397,13 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
                     totals.add_ok(counts, row.get("px_nodata") or 0)
                 else:
                     totals.add_error(row["error"])
+                    if failure is None and sinks.STORAGE_FULL in row["error"]:
+                        # Every later mask would fail the same way: stop, keep what is done.
+                        free = sinks.free_space(out)
+                        failure = row["error"] + (f" ({free})" if free else "")
+            if failure is not None:
+                stopped_early = f"the job failed: {failure}"
+                break
             now = time.perf_counter()
             if now - last_log >= PROGRESS_EVERY_S:
                 _log_progress(totals, n_todo, totals.done - last_done, now - last_log)
@@ -394,12 +415,25 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
             ):
                 stopped_early = totals.most_common_error()
                 break
+    except KeyboardInterrupt:
+        # Ctrl-C (the CLI's handler raises it once; a second one exits at once): keep every
+        # row already done, so that --resume runs only the rest.
+        interrupted = True
+        stopped_early = INTERRUPTED
+    except OutputWriteError as exc:
+        failure = str(exc)
+        stopped_early = f"the job failed: {failure}"
     except Exception as exc:
         # A failure Ray could not recover from (a worker that cannot start, a lost node with no
         # retries left): keep every row already done, say what failed, exit 1.
         failure = error_message_of(exc)
         stopped_early = f"the job failed: {failure}"
-    writer.close()
+    try:
+        writer.close()
+    except OutputWriteError as exc:
+        if failure is None:
+            failure = str(exc)
+            stopped_early = f"the job failed: {failure}"
     wall_s = time.perf_counter() - started
     run_done = totals.done
     # The summary counts what the output holds: the same for a resumed run as for one in one go.
@@ -407,8 +441,18 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     summary = _summary(job, info, totals, n, wall_s, first_result_s, stopped_early)
     summary["this_run"] = {"inputs_run": run_done, "inputs_skipped": n - n_todo}
     summary["storage"] = {"retries": retries_total}
-    sinks.write_summary(out, summary, options)
+    try:
+        sinks.write_summary(out, summary, options)
+    except OSError as exc:
+        # The output is full or gone: the parts say what is done, --resume writes it later.
+        log.error("could not write %s: %s", sinks.SUMMARY_FILE, error_message_of(exc))
     _print_table(summary)
+    if interrupted:
+        log.error(
+            "interrupted after %d inputs of this run (their rows are written; --resume continues)",
+            run_done,
+        )
+        return EXIT_INTERRUPTED
     if failure is not None:
         log.error(
             "the job failed after %d inputs (their rows are written; --resume continues): %s",

@@ -12,11 +12,15 @@ Layout under the output root ``OUT``::
 from __future__ import annotations
 
 import contextlib
+import errno
 import io as stdio
 import json
+import os
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segbatch import io
-from segbatch.errors import NotSegbatchOutputError, OutputExistsError
+from segbatch.errors import NotSegbatchOutputError, OutputExistsError, OutputWriteError
 from segbatch.overlays import flat_palette
 from segbatch.stats import Totals, class_columns
 
@@ -39,6 +43,15 @@ JOB_FILE = "job.yaml"
 PART_RE = re.compile(r"^part-[0-9]{5,}\.parquet$")
 FRAME_RE = re.compile(r"^frame_[0-9]{5,}\.png$")
 MASK_SUFFIXES = (".png", ".tif", ".nii.gz")
+# A part still filling is rewritten after this many new rows even before output.flush_every_s:
+# a fast GPU job (100 images/s) then loses at most ~10 s of rows to a crash, and a part of
+# rows_per_file rows is rewritten at most rows_per_file / 1000 times by this rule (each rewrite
+# of 10,000 small rows takes tens of milliseconds).
+FLUSH_EVERY_ROWS = 1000
+# In the error of an input whose mask could not be written because the output storage is full:
+# the driver stops the job on it instead of failing every remaining input the same way.
+STORAGE_FULL = "the output storage is full"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 # Columns every results file has, in order; the class columns follow.
 BASE_FIELDS = (
@@ -99,6 +112,47 @@ def results_schema(
         fields += [pa.field(all_cols[c], pa.int64()) for c in component_classes]
     meta = {b"segbatch.classes": json.dumps(list(classes)).encode()}
     return pa.schema(fields, metadata=meta)
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """True for "no space left on device" and "disk quota exceeded", also when wrapped."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain, bounded: causes can form a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def free_space(uri: str) -> str:
+    """'12.0 KiB free on /mnt/out' for a local path (its nearest existing folder), else ''."""
+    if not io.is_local(uri):
+        return ""
+    path = os.path.abspath(uri.removeprefix("file://"))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = float(shutil.disk_usage(path).free)
+    except OSError:
+        return ""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            break
+        free /= 1024
+    return f"{free:.1f} {unit} free on {path}"
+
+
+def write_failed_error(uri: str, exc: BaseException) -> OutputWriteError:
+    """The error for a failed results write: the path, the cause, the free space, what next."""
+    free = free_space(uri)
+    return OutputWriteError(
+        f"writing {io.redact(uri)} failed: {exc}" + (f" ({free})" if free else "") + "; make "
+        "room there and run the same command again with --resume: the rows written so far are "
+        "kept"
+    )
 
 
 def mask_rel_path(rel_path: str, suffix: str = ".png") -> str:
@@ -293,6 +347,12 @@ class ResultsWriter:
     as all the rows it waits for have arrived; rows may arrive in any order, and a row that
     arrives twice (a retried task) is kept once. On resume, ``todo`` lists the inputs being
     run: a part keeps the ok rows of its previous file for the inputs not run again.
+
+    A part still filling is rewritten (atomically, with all its rows so far) once
+    ``flush_every_s`` seconds of ``clock`` or ``flush_every_rows`` new rows have passed since
+    the last write, so a killed driver loses minutes of rows at most; --resume reads such a
+    part like any other. Its rows stay in memory until it is complete (at most rows_per_file
+    per open part), and a failed write keeps them there and raises ``OutputWriteError``.
     """
 
     def __init__(
@@ -303,6 +363,9 @@ class ResultsWriter:
         rows_per_file: int,
         storage_options: Mapping[str, Any] | None = None,
         todo: np.ndarray | None = None,
+        flush_every_s: float = 30.0,
+        flush_every_rows: int = FLUSH_EVERY_ROWS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.out_root = out_root
         self.schema = schema
@@ -315,6 +378,13 @@ class ResultsWriter:
         self.expected = {int(p): int(c) for p, c in zip(parts, counts, strict=True)}
         self.pending: dict[int, dict[int, Mapping[str, Any]]] = {}
         self.written: list[str] = []
+        self.flush_every_s = flush_every_s
+        self.flush_every_rows = flush_every_rows
+        self.clock = clock
+        self.last_flush = clock()
+        # Parts with rows that are not yet in their file, and how many such rows in all.
+        self.unflushed: set[int] = set()
+        self.unflushed_rows = 0
 
     def part_uri(self, part: int) -> str:
         return io.join(self.out_root, RESULTS_DIR, f"part-{part:05d}.parquet")
@@ -324,8 +394,26 @@ class ResultsWriter:
         part = index // self.rows_per_file
         rows = self.pending.setdefault(part, {})
         rows[index] = row
+        self.unflushed.add(part)
+        self.unflushed_rows += 1
         if len(rows) >= self.expected.get(part, self.rows_per_file):
             self._write(part)
+            self.written.append(self.part_uri(part))
+            del self.pending[part]
+            self.unflushed.discard(part)
+        if self.unflushed and (
+            self.unflushed_rows >= self.flush_every_rows
+            or self.clock() - self.last_flush >= self.flush_every_s
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite every part still filling that got rows since its last write."""
+        for part in sorted(self.unflushed):
+            self._write(part)
+            self.unflushed.discard(part)
+        self.unflushed_rows = 0
+        self.last_flush = self.clock()
 
     def _previous_rows(self, part: int, replaced: set[int]) -> list[dict[str, Any]]:
         """Ok rows of the part's previous file, for inputs this run did not redo."""
@@ -339,22 +427,44 @@ class ResultsWriter:
         ]
 
     def _write(self, part: int) -> None:
-        new = self.pending.pop(part, {})
+        """Write the part's file with its previous rows (resume) and every row it has now.
+
+        The rows stay in ``pending`` (the caller drops them once the part is complete): a write
+        that fails loses nothing, and an earlier flush of this run is replaced, never repeated
+        (its rows are in ``pending`` and so count as redone, not as previous rows).
+        """
+        new = self.pending.get(part, {})
         if not new:
             return
-        rows = [*self._previous_rows(part, set(new)), *new.values()]
-        rows.sort(key=lambda r: int(r["index"]))
-        table = table_from_rows(rows, self.schema)
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
         uri = self.part_uri(part)
-        io.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), self.storage_options)
-        self.written.append(uri)
+        try:
+            rows = [*self._previous_rows(part, set(new)), *new.values()]
+            rows.sort(key=lambda r: int(r["index"]))
+            table = table_from_rows(rows, self.schema)
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf, compression="zstd")
+            io.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), self.storage_options)
+        except OSError as exc:
+            raise write_failed_error(uri, exc) from exc
 
     def close(self) -> None:
-        """Write every part still pending (parts that lost rows to an early stop)."""
+        """Write every part still pending (parts that lost rows to an early stop).
+
+        Tries every part even when one fails, then raises the first ``OutputWriteError``; the
+        rows of the parts that failed stay in ``pending``.
+        """
+        first_error: OutputWriteError | None = None
         for part in sorted(self.pending):
-            self._write(part)
+            try:
+                self._write(part)
+            except OutputWriteError as exc:
+                first_error = first_error or exc
+                continue
+            self.written.append(self.part_uri(part))
+            del self.pending[part]
+            self.unflushed.discard(part)
+        if first_error is not None:
+            raise first_error
 
 
 def result_parts(out_root: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -134,3 +135,39 @@ def test_checkpoint_that_does_not_fit_fails_before_ray(
     args = ["run", "--input", str(PHOTOS), "--output", str(tmp_path / "o")]
     assert main([*args, "--weights", str(tmp_path / "wrong.pt")]) == 2
     assert "wrong.pt" in capsys.readouterr().err
+
+
+def test_sigint_handler_first_interrupts_then_exits_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segbatch import cli
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    before = signal.getsignal(signal.SIGINT)
+    with cli.sigint_stops_job():
+        assert signal.getsignal(signal.SIGINT) is not before
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert exits == []
+        with pytest.raises(SystemExit):
+            signal.raise_signal(signal.SIGINT)
+        assert exits == [130]
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert "Ctrl-C again to quit at once" in err and "exiting now" in err
+
+
+def test_resume_command_repeats_the_run_with_resume() -> None:
+    from segbatch.cli import resume_command
+
+    argv = ["run", "job.yaml", "--output", "/data/out dir", "--overwrite", "--set", "a.b=1"]
+    assert resume_command(argv) == (
+        "segbatch run job.yaml --output '/data/out dir' --set a.b=1 --resume"
+    )
+    assert resume_command(["run", "--resume", "j.yaml"]) == "segbatch run --resume j.yaml"

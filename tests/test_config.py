@@ -27,6 +27,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "output.resume": (True, True),
     "output.overlays": (0, 0),
     "output.rows_per_file": (7, 7),
+    "output.flush_every_s": (5, 5.0),
     "output.mask_write_threads": (2, 2),
     "output.nodata_value": (0, 0),
     "model.name": ("unet", "unet"),
@@ -231,6 +232,8 @@ def test_unknown_key_far_from_everything_has_no_suggestion() -> None:
         ("inference.gpus_per_worker", 0, "above 0"),
         ("inference.threads_per_worker", 0, "at least 1"),
         ("inference.post_threads", -1, "0 or more"),
+        ("output.flush_every_s", 0, "flush_every_s must be above 0"),
+        ("output.flush_every_s", -1.5, "flush_every_s must be above 0"),
     ],
 )
 def test_type_and_range_errors(key: str, value: Any, message: str) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +398,175 @@ def test_a_given_weights_id_must_match_the_weights(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"model\.weights_id is 'sha256:0000"):
         run_job(job)
     assert not (tmp_path / "out").exists()
+
+
+def _wait_for(folder: Path, pattern: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until a file matching ``pattern`` is in ``folder``, while ``proc`` still runs."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if folder.exists() and any(folder.glob(pattern)):
+            assert proc.poll() is None, "the run ended before it could be stopped: make it longer"
+            return
+        assert proc.poll() is None, "the run ended without writing " + pattern
+        time.sleep(0.02)
+    raise AssertionError(f"no {pattern} after 300 s")
+
+
+def _session_address() -> list[str]:
+    """--address of the test session's own Ray: a driver in a subprocess joins it instead of
+    starting a second Ray (seconds on a busy machine), and never joins another one."""
+    import ray
+
+    return ["--address", ray.get_runtime_context().gcs_address]
+
+
+def _valid_rows(out: Path) -> list[dict[str, Any]]:
+    """Every row written, after checking it: ok, its mask on disk and the image's size."""
+    written = rows(out)
+    for r in written:
+        assert r["status"] == "ok", r["error"]
+        mask = np.asarray(Image.open(r["mask_path"]))
+        assert mask.shape == (r["height"], r["width"]) == (160, 200)
+        assert sum(r[f"px_class_{c}"] for c in range(3)) == 160 * 200
+    return written
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_one_ctrl_c_writes_the_rows_done_and_resume_completes(
+    tmp_path: Path, unet_checkpoint: str
+) -> None:
+    inputs = tmp_path / "in"
+    make_inputs(inputs, 40)
+    out = tmp_path / "out"
+    argv = ["run", *args(inputs, out, unet_checkpoint), *_session_address()]
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segbatch", *argv],
+            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )  # fmt: skip
+        try:
+            # Once rows reach the driver (its first part is written); rows still in an actor
+            # when Ctrl-C comes are run again by --resume.
+            _wait_for(out / "results", "*.parquet", proc)
+            sent = time.time()
+            os.kill(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=60)
+            stop_s = time.time() - sent
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what the run left behind, if anything
+    stderr = err_path.read_text()
+    assert code == 130, stderr[-3000:]
+    assert stop_s < 20, stop_s
+    assert "Traceback" not in stderr, stderr[-3000:]
+    from segbatch.cli import resume_command
+
+    hint = f"segbatch: to continue, run: {resume_command(argv)}"
+    assert hint in stderr.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] == "interrupted (SIGINT)"
+    done_before = len(_valid_rows(out))
+    assert summary["images"] == {
+        "total": 40, "ok": done_before, "error": 0, "not_run": 40 - done_before
+    }  # fmt: skip
+    assert 5 <= done_before < 40  # the rows done were written; the run did stop early
+
+    # The hint's command, run: every input exactly once.
+    from segbatch.cli import build_parser, load_from_args
+
+    resumed = shlex.split(hint.split("run: ", 1)[1])[1:]
+    assert run_job(load_from_args(build_parser().parse_args(resumed))) == 0
+    final = _valid_rows(out)
+    assert sorted(r["index"] for r in final) == list(range(40))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is None
+    assert summary["this_run"] == {"inputs_run": 40 - done_before, "inputs_skipped": done_before}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_kill_after_a_flush_of_a_filling_part_then_resume(
+    tmp_path: Path, unet_checkpoint: str
+) -> None:
+    """rows_per_file above the job's size: only the periodic flush leaves rows to resume from."""
+    inputs = tmp_path / "in"
+    make_inputs(inputs, 60)
+    out = tmp_path / "out"
+    flags = ["--set", "output.rows_per_file=10000", "--set", "output.flush_every_s=0.5"]
+    argv = ["run", *args(inputs, out, unet_checkpoint), *flags, *_session_address()]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segbatch", *argv],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(out / "results", "part-00000.parquet", proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(_valid_rows(out))
+    assert 0 < done_before < 60
+    from segbatch.cli import build_parser, load_from_args
+
+    assert run_job(load_from_args(build_parser().parse_args([*argv, "--resume"]))) == 0
+    final = _valid_rows(out)
+    assert sorted(r["index"] for r in final) == list(range(60))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"] == {"inputs_run": 60 - done_before, "inputs_skipped": done_before}
+    assert [p.name for p in (out / "results").iterdir()] == ["part-00000.parquet"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 300 KiB tmpfs (needs root and a mount-capable container; skipped elsewhere)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)]
+    if subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_full_disk_stops_the_job_and_resume_completes(
+    tmp_path: Path, unet_checkpoint: str, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inputs = tmp_path / "in"
+    make_inputs(inputs, 40)
+    out = small_disk / "out"
+    out.mkdir()
+    # Room for about 15 small files (a tmpfs takes a 4 KiB page per file): the disk fills
+    # with some masks and parts written and most of the job still to run.
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 60 * 1024))
+    from segbatch.cli import build_parser, load_from_args
+
+    argv = ["run", *args(inputs, out, unet_checkpoint)]
+    with caplog.at_level(logging.INFO, logger="segbatch"):
+        assert run_job(load_from_args(build_parser().parse_args(argv))) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    text = "\n".join(r.getMessage() for r in errors)
+    assert "No space left on device" in text, text
+    assert f"free on {small_disk}" in text, text
+    failed = [r for r in errors if r.getMessage().startswith("the job failed after")]
+    assert len(failed) == 1, text
+    # The job stopped on the first full write: it did not fail every remaining input.
+    assert failed[0].args[0] < 40  # type: ignore[index]
+    if not (out / "summary.json").exists():
+        assert any(r.getMessage().startswith("could not write summary.json") for r in errors)
+    # What was written is valid: whole parts of whole rows, no temp files left behind.
+    assert not list(out.rglob(".*.tmp-*"))
+    if (out / "results").exists():
+        for r in rows(out):
+            assert r["status"] == "ok" or "writing the mask failed" in r["error"]
+
+    filler.unlink()  # room again
+    assert run_job(load_from_args(build_parser().parse_args([*argv, "--resume"]))) == 0
+    final = _valid_rows(out)
+    assert sorted(r["index"] for r in final) == list(range(40))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == {"total": 40, "ok": 40, "error": 0, "not_run": 0}

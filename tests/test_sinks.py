@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io as stdio
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from segbatch.errors import (
     OutputExistsError,
     OutputNotWritableError,
     OutputPathError,
+    OutputWriteError,
     SegbatchUsageError,
     UnsafePathError,
 )
@@ -27,8 +31,11 @@ from segbatch.overlays import flat_palette
 from segbatch.sinks import (
     ResultsWriter,
     encode_mask_png,
+    free_space,
+    is_storage_full,
     mask_rel_path,
     prepare_output,
+    read_done,
     results_schema,
     table_from_rows,
     write_mask,
@@ -552,3 +559,162 @@ def test_write_summary(tmp_path: Path) -> None:
     write_summary(str(tmp_path), {"ok": 3, "classes": ["a", "b"]})
     assert json.loads((tmp_path / "summary.json").read_text()) == {"ok": 3, "classes": ["a", "b"]}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def _full_disk_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> list[str]:
+    """Let ``n_ok`` atomic writes through, then fail every write as a full disk does."""
+    real = io.write_bytes_atomic
+    done: list[str] = []
+
+    def write(uri: str, data: bytes, storage_options: Any = None, retries: int = 5) -> None:
+        if len(done) >= n_ok:
+            raise OSError(errno.ENOSPC, "No space left on device", uri)
+        real(uri, data, storage_options, retries)
+        done.append(uri)
+
+    monkeypatch.setattr(io, "write_bytes_atomic", write)
+    return done
+
+
+def test_results_writer_keeps_rows_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = ResultsWriter(str(tmp_path), results_schema(["a"]), total=6, rows_per_file=3)
+    _full_disk_after(monkeypatch, n_ok=1)
+    for i in (0, 1, 2):
+        writer.add(_row(i))  # part 0 is written
+    writer.add(_row(3))
+    writer.add(_row(4))
+    with pytest.raises(OutputWriteError) as info:
+        writer.add(_row(5))
+    message = str(info.value)
+    assert isinstance(info.value, OSError)
+    assert f"{tmp_path}/results/part-00001.parquet" in message
+    assert "No space left on device" in message
+    assert re.search(r"\d+\.\d (B|KiB|MiB|GiB|TiB) free on /", message), message
+    assert "--resume" in message
+    # The rows of the part that failed are still there; the part written before is intact.
+    assert sorted(writer.pending) == [1] and sorted(writer.pending[1]) == [3, 4, 5]
+    assert _read_part(tmp_path / "results" / "part-00000.parquet")["index"] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["part-00000.parquet"]
+    with pytest.raises(OutputWriteError):
+        writer.close()  # still full: still kept
+    assert sorted(writer.pending[1]) == [3, 4, 5]
+    monkeypatch.undo()  # room again
+    writer.close()
+    assert _read_part(tmp_path / "results" / "part-00001.parquet")["index"] == [3, 4, 5]
+    assert writer.pending == {}
+
+
+def test_storage_full_is_recognised_also_when_wrapped() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert is_storage_full(full)
+    assert is_storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    try:
+        raise RuntimeError("write failed") from full
+    except RuntimeError as exc:
+        assert is_storage_full(exc)
+    assert not is_storage_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_storage_full(ValueError("x"))
+
+
+def test_free_space_of_a_local_path(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    text = free_space(str(tmp_path / "not" / "yet" / "made"))
+    number, unit, rest = text.split(" ", 2)
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+    assert rest == f"free on {tmp_path}"
+    assert abs(float(number) * scale - free) <= 0.05 * scale + 2**20
+    assert free_space("s3://bucket/out") == ""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_results_writer_flushes_a_filling_part_every_flush_every_s(tmp_path: Path) -> None:
+    clock = FakeClock()
+    schema = results_schema(["a"])
+    writer = ResultsWriter(
+        str(tmp_path), schema, total=10, rows_per_file=100, flush_every_s=30, clock=clock
+    )
+    part = tmp_path / "results" / "part-00000.parquet"
+    for i in (3, 0, 1):
+        writer.add(_row(i, px_a=i))
+        clock.now += 9.0
+    assert not part.exists()  # 27 s: not yet
+    clock.now += 3.0
+    writer.add(_row(7, px_a=7))  # 30 s after the start: every row so far goes to the part
+    assert _read_part(part)["index"] == [0, 1, 3, 7]
+    assert _read_part(part)["px_a"] == [0, 1, 3, 7]
+    assert sorted(writer.pending[0]) == [0, 1, 3, 7]  # kept until the part is complete
+    clock.now += 29.0
+    writer.add(_row(2))
+    assert _read_part(part)["index"] == [0, 1, 3, 7]  # 29 s after that flush: not yet
+    clock.now += 1.0
+    writer.add(_row(4))
+    assert _read_part(part)["index"] == [0, 1, 2, 3, 4, 7]
+    for i in (5, 6, 8, 9):
+        writer.add(_row(i, px_a=i))
+    assert writer.pending == {}
+    # The complete part is the very file a writer without flushes writes.
+    plain = ResultsWriter(str(tmp_path / "plain"), schema, total=10, rows_per_file=100)
+    for i in (3, 0, 1, 7, 2, 4, 5, 6, 8, 9):
+        plain.add(_row(i, px_a=i if i not in (2, 4) else None))
+    assert part.read_bytes() == (tmp_path / "plain" / "results" / "part-00000.parquet").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["part-00000.parquet"]
+
+
+def test_results_writer_flushes_every_flush_every_rows(tmp_path: Path) -> None:
+    writer = ResultsWriter(
+        str(tmp_path),
+        results_schema(["a"]),
+        total=20,
+        rows_per_file=10,
+        flush_every_rows=3,
+        clock=FakeClock(),  # never advances: only the row count flushes
+    )
+    results = tmp_path / "results"
+    for i in (0, 10, 1):
+        writer.add(_row(i))
+    # Three rows since the start: both parts still filling are written with what they have.
+    assert _read_part(results / "part-00000.parquet")["index"] == [0, 1]
+    assert _read_part(results / "part-00001.parquet")["index"] == [10]
+    writer.add(_row(2))
+    writer.add(_row(3))
+    assert _read_part(results / "part-00000.parquet")["index"] == [0, 1]
+    writer.add(_row(4))
+    assert _read_part(results / "part-00000.parquet")["index"] == [0, 1, 2, 3, 4]
+    assert _read_part(results / "part-00001.parquet")["index"] == [10]
+
+
+def test_resume_from_a_flushed_part_runs_only_the_rest(tmp_path: Path) -> None:
+    """A driver killed after a flush: the part's ok rows count as done, its error row and the
+    inputs without a row run again, and the finished part equals an uninterrupted run's."""
+    schema = results_schema(["a"])
+    clock = FakeClock()
+    first = ResultsWriter(
+        str(tmp_path), schema, total=8, rows_per_file=100, flush_every_s=30, clock=clock
+    )
+    first.add(_row(0, px_a=0))
+    first.add(_row(1, status="error", error="boom"))
+    first.add(_row(5, px_a=5))
+    clock.now += 30
+    first.add(_row(2, px_a=2))  # flushed: rows 0, 1, 2, 5; then the driver dies
+    first.add(_row(3, px_a=3))
+    paths = [f"img{i}.png" for i in range(8)]
+    done = read_done(str(tmp_path), paths)
+    assert np.flatnonzero(done).tolist() == [0, 2, 5]
+    again = ResultsWriter(str(tmp_path), schema, total=8, rows_per_file=100, todo=~done)
+    for i in (7, 1, 3, 6, 4):
+        again.add(_row(i, px_a=i))
+    part = tmp_path / "results" / "part-00000.parquet"
+    assert _read_part(part)["index"] == list(range(8))
+    plain = ResultsWriter(str(tmp_path / "plain"), schema, total=8, rows_per_file=100)
+    for i in range(8):
+        plain.add(_row(i, px_a=i))
+    assert part.read_bytes() == (tmp_path / "plain" / "results" / "part-00000.parquet").read_bytes()
