@@ -373,12 +373,17 @@ def _unique_rel(items: list[InputItem]) -> list[InputItem]:
             renamed.append(i)
         else:
             taken.add(key)
+    # Per name, the counter to try next: names are never freed, so the counters below it are
+    # taken and a thousand copies of one name cost a thousand tries, not half a million.
+    next_n: dict[str, int] = {}
     for i in sorted(renamed):
         stem = sinks.mask_rel_path(clean[i], "")
         ext = clean[i][len(stem) :]
-        n = 1
+        key = _name_key(clean[i])
+        n = next_n.get(key, 1)
         while _name_key(f"{stem}~{n}{ext}") in taken:
             n += 1
+        next_n[key] = n + 1
         taken.add(_name_key(f"{stem}~{n}{ext}"))
         out[i] = dataclasses.replace(out[i], rel_path=f"{stem}~{n}{ext}")
     return out
