@@ -35,6 +35,9 @@ class InputConfig:
     slice_axis: int | None = None
     # NIfTI 4-D: which volume along the 4th axis, or "all".
     volume_index: int | Literal["all"] = 0
+    # A symlink found in a listed folder (or glob) whose target is outside it is an error row
+    # unless this is true: listing a folder should not read files the folder does not hold.
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,24 @@ def resize_for_model(image: np.ndarray, resize: str | int | tuple[int, int]) -> 
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def _describe_start(data: bytes) -> str:
+    """What the first bytes of a non-image look like, without their content.
+
+    The bytes themselves would land in the results (a link to /etc/passwd shows 'root:x:0'):
+    text says only that it is text; anything else shows its 4-byte magic in hex, which names a
+    format (7f454c46 is ELF, 25504446 is PDF) and nothing of the data.
+    """
+    head = data[:64]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end of the sample is still text.
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "it looks like text"
+    return f"magic bytes {data[:4].hex()}"
+
+
 def decode_photo(data: bytes, channels: int = 3, max_pixels: int = 89_478_485) -> np.ndarray:
     """PNG, JPEG, BMP, WebP or plain TIFF bytes -> ``(H, W, channels)`` (see photo_to_array)."""
     if not data:
@@ -100,7 +118,7 @@ def decode_photo(data: bytes, channels: int = 3, max_pixels: int = 89_478_485) -
         raise
     except Image.UnidentifiedImageError as exc:
         raise DecodeError(
-            f"not an image Pillow can read (first bytes {data[:8]!r}); the file may be "
+            f"not an image Pillow can read ({_describe_start(data)}); the file may be "
             "mislabelled or corrupt"
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -82,7 +82,7 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
             f"stats.count_components names {unknown}, not classes of this model; its classes: "
             + ", ".join(info.classes)
         )
-    items = list_inputs(job.input, job.storage.options)
+    items = list_inputs(job.input, job.storage.options, output_root=job.output.path)
     _check_weights(job, info, fetch_weights)
     return Plan(job=job, info=info, items=items)
 

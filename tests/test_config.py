@@ -22,6 +22,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "input.max_image_pixels": (1000, 1000),
     "input.slice_axis": (1, 1),
     "input.volume_index": ("all", "all"),
+    "input.follow_symlinks": (True, True),
     "output.path": ("s3://bucket/out", "s3://bucket/out"),
     "output.overwrite": (True, True),
     "output.resume": (True, True),

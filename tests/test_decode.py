@@ -177,6 +177,25 @@ def test_text_file_is_not_an_image() -> None:
     assert not isinstance(info.value, ImageTooLargeError)
 
 
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        (b"root:x:0:0:root:/root:/bin/bash\n", "it looks like text"),
+        ("caf\u00e9 au lait\n".encode(), "it looks like text"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "magic bytes 7f454c46"),
+    ],
+)
+def test_not_an_image_message_never_shows_the_content(data: bytes, shown: str) -> None:
+    # A symlink to /etc/passwd must not put its first line into the results.
+    with pytest.raises(DecodeError) as info:
+        decode_photo(data)
+    message = str(info.value)
+    assert message.startswith("not an image Pillow can read")
+    assert shown in message
+    for leak in ("root", "x:0", "caf", "ELF", "\\x"):
+        assert leak not in message
+
+
 def test_pixel_limit() -> None:
     data = _encode(Image.new("RGB", (40, 40), (1, 2, 3)), "PNG")
     with pytest.raises(ImageTooLargeError) as info:

@@ -173,6 +173,54 @@ def test_bad_inputs_become_error_rows(tmp_path: Path) -> None:
     assert summary["images"]["ok"] == 2 and summary["images"]["error"] == 6
 
 
+def test_inputs_whose_names_collide_get_one_mask_each(tmp_path: Path) -> None:
+    """Seven inputs whose mask names collide once cleaned and case-folded: seven ok rows, seven
+    mask files, each of its own image's size. The output folder lives inside the input folder,
+    holding a previous run's files: none of them is an input."""
+    src = tmp_path / "in"
+    names = [
+        "x/img.png",
+        "x/img.jpg",
+        "x/img~1.png",
+        "x/n\nl.png",
+        "x/n_l.png",
+        "x/A.png",
+        "x/a.PNG",
+    ]
+    sizes = {}
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        size = (40 + 8 * k, 32 + 4 * k)  # (width, height): a mask of another image shows
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            src / name, format="JPEG" if name.endswith(".jpg") else "PNG"
+        )
+        sizes[str(src / name)] = size
+    # What a first run left inside the input folder: a second run must not read it.
+    out = src / "out"
+    (out / "masks" / "x").mkdir(parents=True)
+    (out / "job.yaml").write_text("input: {}\n")
+    Image.new("L", (5, 5)).save(out / "masks" / "x" / "img.png")
+    tiny_unet = {
+        "model.name": "unet",
+        "model.num_classes": 3,
+        "model.unet.depth": 2,
+        "model.unet.base_channels": 4,
+    }
+    cfg = job(
+        tmp_path, [str(src)], **{"output.path": str(out), "output.overwrite": True}, **tiny_unet
+    )
+    assert run_job(cfg) == 0
+    rows = read_results(out)
+    assert sorted(r["path"] for r in rows) == sorted(sizes)
+    assert all(r["status"] == "ok" for r in rows)
+    assert len({r["mask_path"] for r in rows}) == 7
+    assert len(list((out / "masks").rglob("*.png"))) == 7
+    for r in rows:
+        with Image.open(r["mask_path"]) as mask:
+            assert mask.size == (r["width"], r["height"]) == sizes[r["path"]], r["path"]
+
+
 def test_blocks_of_different_image_types_in_one_job(tmp_path: Path) -> None:
     """uint8 photos, a float32 DICOM and error rows land in different blocks (1 row per block
     here); Ray Data must still hand them to the actors together, as one job."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as stdio
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from segbatch import io
 from segbatch.config import InputConfig
 from segbatch.errors import ConfigError, InputNotFoundError
 from segbatch.sinks import mask_rel_path
@@ -266,3 +268,141 @@ def test_memory_glob_and_manifest(memfs: Any) -> None:
     assert [i.rel_path for i in items] == ["b.jpg", "a.png"]
     assert [i.uri.split("://", 1)[1].lstrip("/") for i in items] == ["m/b.jpg", "m/a.png"]
     assert all(i.uri.startswith("memory://") for i in items)
+
+
+def _mask_keys(items: list[InputItem]) -> list[str]:
+    """The name each item's outputs get, as a case-insensitive store sees it."""
+    return [mask_rel_path(i.rel_path, "").lower() for i in items if i.error is None]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        # A renamed duplicate must not take the name of a file that exists.
+        (["x/img.png", "x/img.jpg", "x/img~1.png"], ["x/img~2.png", "x/img.jpg", "x/img~1.png"]),
+        # A chain: every '~N' already spoken for by a real file.
+        (
+            ["a.png", "a.jpg", "a~1.png", "a~1.jpg"],
+            ["a~2.png", "a.jpg", "a~1~1.png", "a~1.jpg"],
+        ),
+        # Control characters fold to '_'.
+        (["n\nl.png", "n_l.png"], ["n_l~1.png", "n_l.png"]),
+        # Case-insensitive stores (macOS, Windows, synced folders) fold case.
+        (["A.png", "a.PNG"], ["A.png", "a~1.PNG"]),
+        # Stems collide whatever the mask suffix: .png, .tif and .nii.gz masks of one stem.
+        (
+            ["s.nii.gz", "s.png", "s.tif", "s~1.nii.gz"],
+            ["s.nii.gz", "s~2.png", "s~3.tif", "s~1.nii.gz"],
+        ),
+    ],
+)
+def test_mask_names_are_unique_after_cleaning(
+    tmp_path: Path, names: list[str], expected: list[str]
+) -> None:
+    _touch(tmp_path, *names)
+    items = _list(tmp_path)
+    got = {i.uri: i.rel_path for i in items}
+    assert [got[str(tmp_path / n)] for n in names] == expected
+    keys = _mask_keys(items)
+    assert len(set(keys)) == len(keys) == len(names)
+    # Cleaned once, in list_inputs: the sinks' own cleaning changes nothing any more.
+    assert all(io.safe_relpath(i.rel_path) == i.rel_path for i in items)
+    assert _list(tmp_path) == items  # same inputs, same names
+
+
+def test_tar_members_that_clean_to_one_name_get_distinct_masks(tmp_path: Path) -> None:
+    import tarfile
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name in ["x.png", "../x.png", "./x.png", "X.PNG"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, stdio.BytesIO(b"x"))
+    items = _list(tmp_path / "s.tar")
+    assert [i.uri.rsplit("#", 1)[1] for i in items] == ["x.png", "../x.png", "./x.png", "X.PNG"]
+    # rel_path is already clean: the mask name is the rel path with the mask suffix.
+    assert [i.rel_path for i in items] == ["s/x.png", "s/x~1.png", "s/x~2.png", "s/X~3.PNG"]
+    keys = _mask_keys(items)
+    assert len(set(keys)) == len(keys) == 4
+
+
+def test_error_items_do_not_take_mask_names(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.cr2", "a.png")
+    items = {i.uri: i for i in _list(tmp_path)}
+    assert items[str(tmp_path / "a.png")].rel_path == "a.png"
+    assert items[str(tmp_path / "a.cr2")].error is not None
+
+
+def test_same_file_spelled_twice_is_listed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _touch(tmp_path, "in/a.png", "in/b.png")
+    monkeypatch.chdir(tmp_path)
+    items = _list("in", "in/./a.png", "./in//b.png", f"file://{tmp_path}/in/a.png")
+    assert [i.uri for i in items] == [f"{tmp_path}/in/a.png", f"{tmp_path}/in/b.png"]
+    # A manifest naming one file relatively and absolutely.
+    (tmp_path / "list.txt").write_text(f"in/a.png\n{tmp_path}/in/a.png\nin/../in/b.png\n")
+    items = _list("list.txt")
+    assert [i.uri for i in items] == [f"{tmp_path}/in/a.png", f"{tmp_path}/in/b.png"]
+
+
+def test_same_object_spelled_twice_is_listed_once(memfs: Any) -> None:
+    memfs.pipe("/m/a.png", b"x")
+    memfs.pipe("/l/list.txt", b"../m/a.png\nmemory:///m/a.png\n")
+    items = _list("memory://m", "MEMORY://m/./a.png", "memory://l/list.txt")
+    assert [i.uri for i in items] == ["memory:///m/a.png"]
+
+
+def test_output_folder_is_never_an_input(tmp_path: Path) -> None:
+    _touch(tmp_path, "in/a.png", "in/out/job.yaml", "in/out/masks/a.png", "in/outside.png")
+    out = str(tmp_path / "in" / "out")
+    expected = [str(tmp_path / "in/a.png"), str(tmp_path / "in/outside.png")]
+    cfg = InputConfig(paths=(str(tmp_path / "in"),))
+    assert [i.uri for i in list_inputs(cfg, output_root=out)] == expected
+    assert [i.uri for i in list_inputs(cfg, output_root=out + "/./")] == expected
+    glob = InputConfig(paths=(f"{tmp_path}/in/**/*.png",))
+    assert [i.uri for i in list_inputs(glob, output_root=out)] == expected
+    (tmp_path / "list.txt").write_text("in/a.png\nin/out/masks/a.png\n")
+    manifest = InputConfig(paths=(str(tmp_path / "list.txt"),))
+    assert [i.uri for i in list_inputs(manifest, output_root=out)] == expected[:1]
+    with pytest.raises(InputNotFoundError, match="output folder"):
+        list_inputs(InputConfig(paths=(out,)), output_root=out)
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> Path:
+    """in/ with links inside it (to a file, to a folder) and leaving it (file, folder, loop)."""
+    _touch(tmp_path, "in/a.png", "in/sub/s.png", "outside/o.png")
+    (tmp_path / "in/leak.png").symlink_to(tmp_path / "outside/o.png")
+    (tmp_path / "in/linkdir").symlink_to(tmp_path / "outside")
+    (tmp_path / "in/inside.png").symlink_to(tmp_path / "in/a.png")
+    (tmp_path / "in/insidedir").symlink_to(tmp_path / "in/sub")
+    (tmp_path / "in/sub/loop").symlink_to(tmp_path / "in")
+    return tmp_path
+
+
+def test_symlinks_leaving_the_input_folder_are_error_rows(linked: Path) -> None:
+    items = {i.uri: i for i in _list(linked / "in")}
+    root = linked / "in"
+    assert sorted(items) == sorted(
+        str(root / n)
+        for n in ["a.png", "inside.png", "insidedir/s.png", "leak.png", "linkdir", "sub/s.png"]
+    )
+    for name in ["a.png", "inside.png", "insidedir/s.png", "sub/s.png"]:
+        assert items[str(root / name)].error is None, name
+    for name in ["leak.png", "linkdir"]:
+        error = items[str(root / name)].error
+        assert error is not None and "symlink leaves the input folder" in error, name
+        assert "input.follow_symlinks: true" in error
+    glob = {i.uri: i.error for i in _list(f"{root}/*.png")}
+    assert glob[str(root / "inside.png")] is None
+    assert "symlink leaves" in str(glob[str(root / "leak.png")])
+
+
+def test_follow_symlinks_reads_links_leaving_the_folder(linked: Path) -> None:
+    root = linked / "in"
+    items = {i.uri: i for i in _list(root, follow_symlinks=True)}
+    for name in ["leak.png", "linkdir/o.png"]:
+        assert items[str(root / name)].error is None
+    assert str(root / "linkdir") not in items
+    assert all(i.error is None for i in items.values())
