@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from segbatch.predictor import Predictor
 from segbatch.scenes import mask_palette, segment_raster, segment_volume
 from segbatch.stats import class_columns, pixel_counts
 
+log = logging.getLogger("segbatch")
+
 
 def unpack_code(files: dict[str, bytes], name: str) -> str:
     """Write user model code shipped with the job into a private folder; returns the new
@@ -56,8 +59,50 @@ def _storage_note(exc: BaseException) -> str:
     return f"{sinks.STORAGE_FULL}: " if sinks.is_storage_full(exc) else ""
 
 
+class AttemptLedger:
+    """Per input index, the attempts at segmenting it that started and never finished.
+
+    An attempt that never finished stopped its worker (killed for memory, a crash in native
+    code): Ray restarts the actor and runs the batch again, without end. The pipeline runs one
+    ledger as a Ray actor on the driver's node; every SegmentActor marks the rows it starts and
+    finishes, so the count survives the actors. Each entry is ``[unfinished, alone]``: all
+    attempts, and those in which the input ran by itself (the ones that prove it is the culprit).
+    """
+
+    def __init__(self) -> None:
+        self._unfinished: dict[int, list[int]] = {}
+
+    def unfinished(self, indices: list[int]) -> list[tuple[int, int]]:
+        """``(attempts, attempts alone)`` started and not finished, per index."""
+        return [tuple(self._unfinished.get(i, (0, 0))) for i in indices]  # type: ignore[misc]
+
+    def start(self, indices: list[int]) -> None:
+        alone = int(len(indices) == 1)
+        for i in indices:
+            counts = self._unfinished.setdefault(i, [0, 0])
+            counts[0] += 1
+            counts[1] += alone
+
+    def finish(self, indices: list[int]) -> None:
+        for i in indices:
+            self._unfinished.pop(i, None)
+
+
+def stopped_worker_message(attempts: int) -> str:
+    return (
+        f"this input stopped its worker {attempts} times (out of memory?) and is not tried "
+        "again; make it smaller for the model (preprocess.resize, tiling), give the workers more "
+        "memory, or raise inference.max_input_attempts"
+    )
+
+
 class SegmentActor:
-    """Predictor plus mask sink. ``__call__`` maps a decoded batch to result rows."""
+    """Predictor plus mask sink. ``__call__`` maps a decoded batch to result rows.
+
+    ``ledger``: a Ray handle to an :class:`AttemptLedger` (None: no bookkeeping). Rows with an
+    unfinished earlier attempt run one at a time, so that only the input that stops the worker
+    gathers attempts; at ``inference.max_input_attempts`` it becomes an error row unrun.
+    """
 
     def __init__(
         self,
@@ -65,6 +110,7 @@ class SegmentActor:
         info: ModelInfo,
         batch_size: int,
         code: dict[str, bytes] | None = None,
+        ledger: Any = None,
     ) -> None:
         if code is not None and info.code_path is not None:
             info = dataclasses.replace(info, code_path=unpack_code(code, info.code_path))
@@ -78,6 +124,21 @@ class SegmentActor:
         # next group goes through the model (inference.post_threads; 0: in turn with it).
         post = job.inference.post_threads or 0
         self.post_pool = ThreadPoolExecutor(max_workers=post) if post > 0 else None
+        self.ledger = ledger
+
+    def _ledger(self, method: str, indices: list[int]) -> Any:
+        """Call the ledger (None without one, or once it failed: the job then runs as if
+        without the bookkeeping rather than failing)."""
+        if self.ledger is None or not indices:
+            return None
+        import ray
+
+        try:
+            return ray.get(getattr(self.ledger, method).remote(indices))
+        except Exception as exc:
+            log.warning("the attempt ledger failed (%s); inputs are no longer counted", exc)
+            self.ledger = None
+            return None
 
     def _segment(
         self, images: list[np.ndarray], sizes: list[tuple[int, int]]
@@ -141,7 +202,6 @@ class SegmentActor:
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["index"])
         k = self.info.num_classes
-        nodata_value = self.job.output.nodata_value
         errors = errors_in(batch["error"])
         counts = np.zeros((n, k), dtype=np.int64)
         nodata = np.zeros(n, dtype=np.int64)
@@ -151,35 +211,35 @@ class SegmentActor:
         extras: list[dict[str, Any]] = [{} for _ in range(n)]
         metas = [json.loads(m) if isinstance(m, str) and m else {} for m in batch["meta"]]
 
+        index = [int(v) for v in batch["index"]]
+        kinds = (KIND_IMAGE, KIND_SCENE, KIND_VOLUME)
+        runnable = [i for i in range(n) if batch["kind"][i] in kinds and errors[i] is None]
+        tried = self._ledger("unfinished", [index[i] for i in runnable])
+        suspects: set[int] = set()
+        for i, (attempts, alone) in zip(runnable, tried or [], strict=True):
+            # Proven only once it stopped a worker running it alone (an innocent row of the
+            # same batch never is): that spares the others of a killed batch at any limit.
+            if attempts >= self.job.inference.max_input_attempts and alone > 0:
+                errors[i] = stopped_worker_message(attempts)
+            elif attempts > 0:
+                suspects.add(i)
+
         todo = [i for i in range(n) if batch["kind"][i] == KIND_IMAGE and errors[i] is None]
-        images = [image_at(batch, i) for i in todo]
-        sizes = [(int(heights[i]), int(widths[i])) for i in todo]
+        # Rows that never stopped a worker run together; suspects alone, each marked.
+        groups = [[i for i in todo if i not in suspects], *([i] for i in todo if i in suspects)]
         futures: dict[int, Future[str]] = {}
-        # Each mask goes to the write pool as soon as it is made, while the next image runs.
-        for j, result in self._segment(images, sizes):
-            i = todo[j]
-            if isinstance(result, BaseException):
-                errors[i] = f"inference failed: {error_message(result)}"
-                continue
-            valid = batch["valid"][i]
-            if valid.size:
-                result[~valid] = nodata_value
-                nodata[i] = int((~valid).sum())
-            counts[i] = pixel_counts(result, k, nodata_value)
-            extras[i] = self._extra_columns(metas[i], counts[i], result)
-            futures[i] = self.pool.submit(
-                self._write,
-                int(batch["index"][i]),
-                str(batch["rel_path"][i]),
-                images[j],
-                result,
-                metas[i],
-            )
+        for group in groups:
+            if group:
+                self._ledger("start", [index[i] for i in group])
+                done = self._segment_images(batch, group, metas, errors, counts, nodata, extras)
+                futures.update(done)
+                self._ledger("finish", [index[i] for i in group])
 
         for i in range(n):
             kind = batch["kind"][i]
             if errors[i] is not None or kind not in (KIND_SCENE, KIND_VOLUME):
                 continue
+            self._ledger("start", [index[i]])
             try:
                 uri, rel = str(batch["uri"][i]), str(batch["rel_path"][i])
                 if kind == KIND_SCENE:
@@ -193,6 +253,8 @@ class SegmentActor:
                     f"segmenting this {kind} failed: {_storage_note(exc)}{error_message(exc)}"
                 )
                 continue
+            finally:
+                self._ledger("finish", [index[i]])
             mask_paths[i] = scene.mask_uri
             heights[i], widths[i] = scene.height, scene.width
             counts[i], nodata[i] = scene.counts, scene.nodata_px
@@ -217,6 +279,45 @@ class SegmentActor:
             if "retries" in batch
             else np.zeros(n, dtype=np.int64),
         }
+
+    def _segment_images(
+        self,
+        batch: Batch,
+        rows: list[int],
+        metas: list[dict[str, Any]],
+        errors: list[str | None],
+        counts: np.ndarray,
+        nodata: np.ndarray,
+        extras: list[dict[str, Any]],
+    ) -> dict[int, Future[str]]:
+        """Segment the image ``rows`` of ``batch``, filling their ``errors``, ``counts``,
+        ``nodata`` and ``extras``; returns the mask writes, by row."""
+        k = self.info.num_classes
+        nodata_value = self.job.output.nodata_value
+        images = [image_at(batch, i) for i in rows]
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in rows]
+        futures: dict[int, Future[str]] = {}
+        # Each mask goes to the write pool as soon as it is made, while the next image runs.
+        for j, result in self._segment(images, sizes):
+            i = rows[j]
+            if isinstance(result, BaseException):
+                errors[i] = f"inference failed: {error_message(result)}"
+                continue
+            valid = batch["valid"][i]
+            if valid.size:
+                result[~valid] = nodata_value
+                nodata[i] = int((~valid).sum())
+            counts[i] = pixel_counts(result, k, nodata_value)
+            extras[i] = self._extra_columns(metas[i], counts[i], result)
+            futures[i] = self.pool.submit(
+                self._write,
+                int(batch["index"][i]),
+                str(batch["rel_path"][i]),
+                images[j],
+                result,
+                metas[i],
+            )
+        return futures
 
     def _extra_columns(
         self, meta: dict[str, Any], counts: np.ndarray, mask: np.ndarray | None

@@ -114,6 +114,9 @@ class InferenceConfig:
     channels_last: bool = False
     # Extra Ray resources per actor, e.g. {worker_node: 1}: actors only go to nodes offering them.
     resources: dict[str, float] = field(default_factory=dict)
+    # An input whose segmenting stopped its worker this many times (out of memory, a crash in
+    # native code) becomes an error row instead of being tried again.
+    max_input_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ def _check(cfg: JobConfig) -> None:
         problems.append("inference.threads_per_worker must be at least 1 (or unset: per device)")
     if inf.post_threads is not None and inf.post_threads < 0:
         problems.append("inference.post_threads must be 0 or more (0: masks made in turn)")
+    if inf.max_input_attempts < 1:
+        problems.append("inference.max_input_attempts must be at least 1")
     workers = inf.workers
     if isinstance(workers, int) and workers < 1:
         problems.append("inference.workers must be at least 1")

@@ -68,6 +68,48 @@ def photo_to_array(im: Image.Image, channels: int) -> np.ndarray:
     )
 
 
+def model_input_size(
+    height: int, width: int, resize: str | int | tuple[int, int]
+) -> tuple[int, int]:
+    """The (h, w) the model sees for an image of (height, width), as torchvision's Resize."""
+    if resize == "none":
+        return height, width
+    if isinstance(resize, int):
+        short, long = (height, width) if height <= width else (width, height)
+        new_long = int(resize * long / short)
+        return (resize, new_long) if height <= width else (new_long, resize)
+    assert isinstance(resize, tuple)
+    return resize[0], resize[1]
+
+
+def check_model_input(
+    height: int, width: int, resize: str | int | tuple[int, int], max_pixels: int
+) -> tuple[int, int]:
+    """The model's (h, w) for an image of (height, width) (see model_input_size), or an
+    ImageTooLargeError when that is over ``max_pixels`` (input.max_image_pixels).
+
+    Checked before resizing: a 1 x 20000 strip scaled to a shorter side of 520 is 520 x
+    10,400,000 (16 GB as uint8 RGB), and the model's logits, even blended tile by tile, are held
+    whole at this size (``K * h * w`` float32).
+    """
+    h, w = model_input_size(height, width, resize)
+    if h * w <= max_pixels:
+        return h, w
+    if resize == "none":
+        how = "the model sees it at this size (preprocess.resize: none)"
+    elif isinstance(resize, int):
+        how = f"resizing its shorter side to {resize} (preprocess.resize) makes it {w}x{h}"
+    else:
+        how = f"preprocess.resize makes it {w}x{h}"
+    raise ImageTooLargeError(
+        f"image is {width}x{height}; {how} = {h * w:,} pixels, over input.max_image_pixels "
+        f"({max_pixels:,}): the model's logits would not fit in memory, even tiled (tiling keeps "
+        "the whole image's logits); set preprocess.resize (an [h, w], or none to keep the image's "
+        "own size, with tiling.enabled for inputs larger than a tile), or raise "
+        "input.max_image_pixels if this machine has the memory"
+    )
+
+
 def resize_for_model(image: np.ndarray, resize: str | int | tuple[int, int]) -> np.ndarray:
     """Resize a uint8 ``(H, W, C)`` image as torchvision's preset does on a PIL image.
 

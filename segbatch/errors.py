@@ -66,6 +66,10 @@ class WeightsError(SegbatchUsageError, ValueError):
     """Weights cannot be found, downloaded or matched to the model."""
 
 
+class DeviceUnavailableError(SegbatchUsageError, RuntimeError):
+    """The job asks for a device (a GPU) the Ray cluster does not have."""
+
+
 class DecodeError(SegbatchError, ValueError):
     """One input file cannot be decoded; it becomes an error row."""
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from segbatch import io, shards
 from segbatch.config import PreprocessConfig
-from segbatch.decode import decode_photo, resize_for_model
+from segbatch.decode import check_model_input, decode_photo, resize_for_model
 from segbatch.errors import DecodeError, SegbatchError
 from segbatch.sources import extension_of
 
@@ -202,7 +202,8 @@ def decode_batch(
     torchvision's preset does on a PIL image (so batches travel at the model's size);
     ``width``/``height`` stay the original size. ``valid``: (H, W) bool, False at nodata, or
     (0, 0). Large GeoTIFFs and volumes become ``scene``/``volume`` rows the actor reads itself.
-    Rows that fail get an empty image and their error message.
+    Rows that fail get an empty image and their error message, among them images whose size
+    for the model is over ``max_pixels`` (decode.check_model_input).
     """
     pre = pre or PreprocessConfig()
     n = len(batch["uri"])
@@ -223,6 +224,8 @@ def decode_batch(
                     storage_options,
                 )
                 if item.kind == KIND_IMAGE:
+                    # The size the model will see, checked before anything is made at it.
+                    check_model_input(item.height, item.width, resize, max_pixels)
                     item.image = resize_for_model(item.image, resize)
             except Exception as exc:
                 errors[i] = error_message(exc)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from segbatch import __version__, io, sinks
-from segbatch.actor import SegmentActor, result_rows
+from segbatch.actor import AttemptLedger, SegmentActor, result_rows
 from segbatch.config import InferenceConfig, JobConfig, to_yaml
 from segbatch.errors import OutputWriteError
 from segbatch.loader import decode_batch, read_batch
@@ -298,20 +298,64 @@ def _dataset(
             "info": ship_info,
             "batch_size": inference.batch_size,
             "code": code,
+            "ledger": _attempt_ledger(),
         },
         compute=ActorPoolStrategy(min_size=min_w, max_size=max_w),
         # Rows per actor call; the model sees groups of inference.batch_size. A few rows a call
         # let one group's masks be made while the next group runs (SegmentActor.post_pool).
         batch_size=max(inference.batch_size, ROWS_PER_CALL_MIN),
+        # Ray Data restarts a dead actor (a lost node, an input that killed it) and runs its
+        # batch again, without limit (max_restarts = max_task_retries = -1); that stays, for
+        # lost nodes. The attempt ledger is what stops one input from being retried forever.
         **actor_args,
     )
 
     return ds
 
 
+def _attempt_ledger() -> Any:
+    """A new AttemptLedger actor on the driver's node (where the job's fate lies anyway), taking
+    no CPU slot from the workers. It lives while the dataset holds its handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(AttemptLedger).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+def _check_gpus(job: JobConfig, resources: Mapping[str, float]) -> None:
+    """``inference.device: cuda`` needs a GPU per worker in the cluster: Ray would otherwise
+    wait forever for actors it cannot place. A local Ray has what it has: refused (exit 2). An
+    attached cluster may autoscale and start GPU nodes on demand: a warning, and the job waits."""
+    gpus, per_worker = resources.get("GPU", 0), job.inference.gpus_per_worker
+    if job.inference.device != "cuda" or gpus >= per_worker:
+        return
+    seen = f"sees {gpus:g} GPU{'' if gpus == 1 else 's'}" if gpus else "sees no GPU"
+    if job.ray.address is None:
+        from segbatch.errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError(
+            f"inference.device is cuda with {per_worker:g} GPU per worker, but this machine's "
+            f"Ray {seen}; use --device cpu (or auto, which takes the GPUs there are), lower "
+            "inference.gpus_per_worker, or attach to a cluster with GPU nodes (--address)"
+        )
+    log.warning(
+        "inference.device is cuda with %g GPU per worker, but the Ray cluster at %s %s now; the "
+        "job waits until GPU nodes join (an autoscaling cluster starts them). If it has none, "
+        "stop the job (Ctrl-C) and use --device cpu or auto",
+        per_worker,
+        job.ray.address,
+        seen,
+    )
+
+
 def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     """Run the whole job; returns the exit code (0 ok, 1 too many errors or a failure, 130
-    interrupted by a KeyboardInterrupt: the rows done are written either way)."""
+    interrupted by a KeyboardInterrupt: the rows done are written either way).
+
+    Raises a usage error (exit 2) when the job cannot run on this Ray: ``--device cuda`` on a
+    local Ray without a GPU.
+    """
     import ray
 
     started = time.perf_counter()
@@ -335,6 +379,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
 
     _init_ray(job)
     resources = ray.cluster_resources()
+    _check_gpus(job, resources)
     inference = resolve_inference(
         job.inference, resources.get("CPU", 1), resources.get("GPU", 0), parameter_count(info)
     )

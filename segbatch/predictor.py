@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from segbatch.config import InferenceConfig, TilingConfig
+from segbatch.decode import model_input_size
 from segbatch.logits import resize_argmax
 from segbatch.models import ModelInfo, build_model
 from segbatch.tiling import needs_tiling, sliding_window_logits
@@ -36,20 +37,6 @@ def pick_device(requested: str) -> torch.device:
             "or give the workers GPUs (inference.gpus_per_worker)"
         )
     return torch.device(requested)
-
-
-def model_input_size(
-    height: int, width: int, resize: str | int | tuple[int, int]
-) -> tuple[int, int]:
-    """The (h, w) the model sees for an image of (height, width), as torchvision's Resize."""
-    if resize == "none":
-        return height, width
-    if isinstance(resize, int):
-        short, long = (height, width) if height <= width else (width, height)
-        new_long = int(resize * long / short)
-        return (resize, new_long) if height <= width else (new_long, resize)
-    assert isinstance(resize, tuple)
-    return resize[0], resize[1]
 
 
 def mask_dtype(num_classes: int) -> np.dtype[Any]:

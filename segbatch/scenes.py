@@ -19,6 +19,7 @@ import torch
 
 from segbatch import io, sinks
 from segbatch.config import JobConfig
+from segbatch.decode import check_model_input
 from segbatch.loader import fit_channels
 from segbatch.models import ModelInfo
 from segbatch.overlays import palette
@@ -109,6 +110,12 @@ def _volume_window(values: np.ndarray, window: tuple[float, float] | None) -> tu
     return (lo + width / 2.0, width)
 
 
+def _check_slices(images: Sequence[np.ndarray], info: ModelInfo, job: JobConfig) -> None:
+    """Every slice's size for the model within input.max_image_pixels, as for a photo."""
+    for height, width in {im.shape[:2] for im in images}:
+        check_model_input(height, width, info.resize, job.input.max_image_pixels)
+
+
 def segment_volume(
     predictor: Predictor,
     uri: str,
@@ -143,6 +150,7 @@ def segment_volume(
         images = [
             fit_channels(apply_window(s.image, win)[:, :, None], info.in_channels) for s in slices
         ]
+        _check_slices(images, info, job)
         masks = predictor.segment(images, None, batch_size)
         label = assemble_nifti_mask(
             vol,
@@ -164,6 +172,7 @@ def segment_volume(
         )
         for f in dicom.frames
     ]
+    _check_slices(images, info, job)
     masks = predictor.segment(images, None, batch_size)
     folder = sinks.mask_rel_path(rel_path, "")
     counts = np.zeros(k, dtype=np.int64)

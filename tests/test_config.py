@@ -59,6 +59,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "inference.precision": ("bf16", "bf16"),
     "inference.channels_last": (True, True),
     "inference.resources": ({"worker_node": 1}, {"worker_node": 1}),
+    "inference.max_input_attempts": (5, 5),
     "tiling.enabled": (False, False),
     "tiling.tile_size_px": (256, 256),
     "tiling.overlap": (0.5, 0.5),
@@ -235,6 +236,7 @@ def test_unknown_key_far_from_everything_has_no_suggestion() -> None:
         ("inference.post_threads", -1, "0 or more"),
         ("output.flush_every_s", 0, "flush_every_s must be above 0"),
         ("output.flush_every_s", -1.5, "flush_every_s must be above 0"),
+        ("inference.max_input_attempts", 0, "max_input_attempts must be at least 1"),
     ],
 )
 def test_type_and_range_errors(key: str, value: Any, message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from segbatch import io
 from segbatch.config import load_job
@@ -220,3 +221,94 @@ def test_mostly_failing_job_stops_early_naming_the_error(tmp_path: Path) -> None
     assert images["total"] == 150 and images["not_run"] > 0
     assert images["ok"] + images["error"] < 150
     assert images["error"] > images["ok"]
+
+
+POISON_MODEL = """
+import os
+import signal
+
+import torch
+
+
+class KillsOnSevens(torch.nn.Module):
+    # Class 1 where red is over a half; an image whose pixels are all 7 stops the process, as
+    # an input that runs the worker out of memory does.
+    def forward(self, x):
+        if bool(((x.flatten(1) - 7 / 255).abs() < 1e-6).all(1).any()):
+            with open(KILLS, "a") as fh:
+                fh.write("kill\\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        score = x[:, :1] - 0.5
+        return torch.cat([-score, score], 1)
+
+
+def build(num_classes):
+    return KillsOnSevens()
+"""
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_input_that_kills_its_worker_becomes_an_error_row(tmp_path: Path) -> None:
+    """Ray restarts a killed actor and reruns its batch without end; the poison input is run
+    alone after the first kill and is an error row after its third, the others are done."""
+    kills = tmp_path / "kills.txt"
+    code = tmp_path / "code" / "poison.py"
+    code.parent.mkdir()
+    code.write_text(f"KILLS = {str(kills)!r}\n" + POISON_MODEL)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        img = np.full((16, 16, 3), 7, np.uint8)
+        if i != 3:
+            img[:, :, 1] = 40 * i
+            img[:, :8, 0] = 255  # left half red: class 1
+            img[:, 8:, 0] = 0
+        Image.fromarray(img).save(src / f"im{i}.png")
+    out = tmp_path / "out"
+    cfg = load_job(
+        None,
+        {
+            "input.paths": [str(src)],
+            "output.path": str(out),
+            "model.name": "poison:build",
+            "model.code_path": str(code),
+            "model.classes": ["other", "red"],
+            "preprocess.mean": [0.0, 0.0, 0.0],
+            "preprocess.std": [1.0, 1.0, 1.0],
+            "inference.device": "cpu",
+            "inference.workers": 1,
+            # All six in one call: the first kill takes the innocent five with it.
+            "inference.batch_size": 6,
+        },
+    )
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["code"] = run_job(cfg)
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    # Without a bound the job never ends. Three actor restarts take about a minute on a
+    # quiet machine; the margin is for a busy one.
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the job did not finish: the poison input stalls it"
+    elapsed_s = time.monotonic() - started
+    assert "error" not in result, result.get("error")
+    assert result["code"] == 0, elapsed_s  # 1 error of 6, under max_error_fraction 0.5
+    # Once with the others, then twice alone; never a fourth time.
+    assert kills.read_text().splitlines() == ["kill"] * 3
+    rows = [r for p in sorted(out.glob("results/*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok", "ok"]
+    assert rows[3]["error"].startswith("this input stopped its worker 3 times (out of memory?)")
+    assert "inference.max_input_attempts" in rows[3]["error"]
+    for row in rows[:3] + rows[4:]:
+        mask = np.asarray(Image.open(row["mask_path"]))
+        assert (mask[:, :8] == 1).all() and (mask[:, 8:] == 0).all()
+        assert (row["px_red"], row["px_other"]) == (128, 128)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == {"total": 6, "ok": 5, "error": 1, "not_run": 0}

@@ -140,6 +140,47 @@ def test_pixel_limit_is_an_error_row(files: dict[str, Path]) -> None:
     assert "input.max_image_pixels" in errors_in(out["error"])[1]
 
 
+def test_size_for_the_model_over_the_limit_is_an_error_row_before_resizing(
+    tmp_path: Path,
+) -> None:
+    """A strip within the pixel limit whose preset resize would not be: 2 x 400 (800 px)
+    scaled to a shorter side of 64 is 64 x 12,800 = 819,200 px, over 100,000."""
+    Image.fromarray(np.full((2, 400, 3), 9, np.uint8)).save(tmp_path / "strip.png")
+    Image.fromarray(np.full((20, 30, 3), 9, np.uint8)).save(tmp_path / "small.png")
+    batch = _batch([str(tmp_path / "strip.png"), str(tmp_path / "small.png")])
+    out = decode_batch(read_batch(batch), max_pixels=100_000, resize=64)
+    assert list(out["kind"]) == [KIND_ERROR, KIND_IMAGE]
+    assert out["image_shape"].tolist() == [[0, 0, 3], [64, 96, 3]]
+    error = errors_in(out["error"])[0]
+    assert error is not None
+    for words in ("400x2", "12800x64", "819,200", "100,000", "input.max_image_pixels"):
+        assert words in error, (words, error)
+    assert "preprocess.resize" in error and "tiling.enabled" in error
+    assert (out["width"][0], out["height"][0]) == (-1, -1)
+
+    # The issue's strip at the default limit and lraspp's preset (520): 520 x 10,400,000,
+    # about 16 GB, is refused before it is made.
+    Image.fromarray(np.full((1, 20_000, 3), 9, np.uint8)).save(tmp_path / "long.png")
+    out = decode_batch(read_batch(_batch([str(tmp_path / "long.png")])), resize=520)
+    error = errors_in(out["error"])[0]
+    assert error is not None and "10400000x520 = 5,408,000,000 pixels" in error
+
+
+def test_size_for_the_model_is_checked_without_resize_too() -> None:
+    """resize none: the model (tiled or not) holds logits at the image's own size, so the
+    limit applies to it; DICOM images, which the photo decoder's check does not see, too."""
+    pytest.importorskip("pydicom")
+    data = (Path(__file__).parent / "data" / "medical" / "ct_small.dcm").read_bytes()
+    batch = {**_batch(["ct.dcm", "ct2.dcm"]), "data": np.array([data, data], dtype=object)}
+    out = decode_batch(batch, max_pixels=128 * 128, resize="none")
+    assert list(out["kind"]) == [KIND_IMAGE, KIND_IMAGE]
+    out = decode_batch(batch, max_pixels=128 * 128 - 1, resize="none")
+    assert list(out["kind"]) == [KIND_ERROR, KIND_ERROR]
+    error = errors_in(out["error"])[0]
+    assert error is not None
+    assert "128x128" in error and "16,384 pixels" in error and "resize: none" in error
+
+
 def test_empty_batch() -> None:
     read = read_batch(_batch([]))
     assert read["data"].shape == (0,)

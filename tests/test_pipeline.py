@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +304,58 @@ def test_user_model_code_is_shipped_to_workers(tmp_path: Path) -> None:
     assert (mask[:, :23] == 1).all() and (mask[:, 25:] == 0).all()
     row = read_results(tmp_path / "out")[0]
     assert row["px_red"] + row["px_blue"] == 32 * 48
+
+
+@pytest.mark.timeout(120)
+def test_cuda_without_a_gpu_exits_2_within_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray would wait forever for a GPU actor it cannot place; a local Ray without GPUs is
+    refused once Ray is up, before anything is written."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray has a GPU")
+    from segbatch.cli import main
+
+    started = time.perf_counter()
+    code = main(
+        [
+            "run",
+            "--input",
+            str(PHOTOS / "coffee.png"),
+            "--output",
+            str(tmp_path / "out"),
+            "--weights",
+            "none",
+            "--device",
+            "cuda",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "inference.device is cuda" in err and "sees no GPU" in err
+    assert "--device cpu" in err
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "out" / "results").exists()
+
+
+def test_cuda_on_an_attached_cluster_without_gpus_warns_and_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An attached cluster may start GPU nodes on demand: no refusal, a warning saying so."""
+    from segbatch.errors import DeviceUnavailableError
+    from segbatch.pipeline import _check_gpus
+
+    cuda = load_job(None, {"inference.device": "cuda", "ray.address": "auto"})
+    with caplog.at_level(logging.WARNING, logger="segbatch"):
+        _check_gpus(cuda, {"CPU": 8.0})
+    assert "waits until GPU nodes join" in caplog.text and "--device cpu" in caplog.text
+    # Enough GPUs, or not asking for one: nothing to say; a local Ray without: refused.
+    caplog.clear()
+    _check_gpus(cuda, {"CPU": 8.0, "GPU": 1.0})
+    _check_gpus(load_job(None, {"inference.device": "auto"}), {"CPU": 8.0})
+    assert caplog.text == ""
+    local = load_job(None, {"inference.device": "cuda", "inference.gpus_per_worker": 2})
+    with pytest.raises(DeviceUnavailableError, match="sees 1 GPU;"):
+        _check_gpus(local, {"CPU": 8.0, "GPU": 1.0})
