@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from segbatch import io
 from segbatch.errors import ConfigError, UnknownKeyError, closest
 
 # The largest mask value: masks are uint16 above 256 classes.
@@ -450,8 +451,12 @@ def to_dict(cfg: Any) -> Any:
 
 
 def to_yaml(cfg: JobConfig, redact_storage: bool = True) -> str:
-    """The resolved config as YAML; storage options are redacted (they may hold credentials)."""
+    """The resolved config as YAML; storage options are redacted (they may hold credentials),
+    and so are the URIs (``user:password@`` and signed query strings dropped, see io.redact)."""
     data = to_dict(cfg)
     if redact_storage:
         data["storage"]["options"] = {k: "<redacted>" for k in data["storage"]["options"]}
+        data["input"]["paths"] = [io.redact(p) for p in data["input"]["paths"]]
+        data["output"]["path"] = io.redact(data["output"]["path"])
+        data["model"]["weights"] = io.redact(data["model"]["weights"])
     return yaml.safe_dump(data, sort_keys=False)

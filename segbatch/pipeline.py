@@ -79,6 +79,9 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
             + ", ".join(info.classes)
         )
     items = list_inputs(job.input, job.storage.options)
+    # The output root's storage answers (endpoint, credentials) before Ray starts, not after.
+    with io.storage_errors("reach the output", job.output.path, job.storage.options):
+        io.exists(job.output.path, job.storage.options)
     _check_weights(job, info, fetch_weights)
     return Plan(job=job, info=info, items=items)
 
@@ -451,6 +454,7 @@ def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
     now = to_dict(
         dataclasses.replace(job.model, classes=info.classes, num_classes=info.num_classes)
     )
+    now["weights"] = io.redact(now["weights"])  # job.yaml holds it redacted
     for key in ("name", "weights", "classes"):
         if before.get("model", {}).get(key) != now[key]:
             raise ConfigError(
@@ -467,7 +471,7 @@ def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
 
 def error_message_of(exc: BaseException) -> str:
     """The useful line of a (possibly Ray-wrapped) exception: the innermost error's message."""
-    text = str(exc).strip().splitlines()
+    text = io.redact_text(str(exc)).strip().splitlines()
     for line in reversed(text):
         if "Error" in line and ":" in line:
             return line.strip()
@@ -502,7 +506,7 @@ def _summary(
     return {
         "images": {"total": n, "ok": totals.ok, "error": totals.error, "not_run": n - totals.done},
         "model": info.name,
-        "weights": info.weights,
+        "weights": io.redact(info.weights),
         "classes": list(info.classes),
         "pixels": {c: int(p) for c, p in zip(info.classes, totals.pixels, strict=True)},
         "fractions": {c: float(f) for c, f in zip(info.classes, fractions, strict=True)},

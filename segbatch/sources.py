@@ -266,7 +266,8 @@ def list_inputs(
 ) -> list[InputItem]:
     """Every input of the job, in a deterministic order.
 
-    Raises InputNotFoundError (exit code 2) when a URI does not exist or nothing is found.
+    Raises InputNotFoundError (exit code 2) when a URI does not exist or nothing is found, and
+    StorageAccessError (exit code 2) when the storage cannot be reached or refuses the listing.
     """
     if not cfg.paths:
         raise InputNotFoundError(
@@ -276,7 +277,9 @@ def list_inputs(
     items: list[InputItem] = []
     seen: set[str] = set()
     for uri in cfg.paths:
-        for item in _expand(uri, cfg, options):
+        with io.storage_errors("list the inputs", uri, options):
+            expanded = _expand(uri, cfg, options)
+        for item in expanded:
             if item.uri not in seen:
                 seen.add(item.uri)
                 items.append(item)

@@ -467,6 +467,26 @@ def test_to_yaml_redacts_storage_options() -> None:
     )
 
 
+def test_to_yaml_redacts_credentials_in_uris() -> None:
+    cfg = load_job(
+        None,
+        {
+            "input.paths": ["http://alice:Pa55w0rd@host/a.png", "/data/b@2x.png"],
+            "output.path": "webdav://bob:S3cr3t@dav.example/out",
+            "model.name": "unet",
+            "model.weights": "https://host/unet.pt?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA1",
+        },
+    )
+    text = to_yaml(cfg)
+    for secret in ("alice", "Pa55w0rd", "bob", "S3cr3t", "deadbeef", "AKIA1"):
+        assert secret not in text
+    data = yaml.safe_load(text)
+    assert data["input"]["paths"] == ["http://host/a.png", "/data/b@2x.png"]
+    assert data["output"]["path"] == "webdav://dav.example/out"
+    assert data["model"]["weights"] == "https://host/unet.pt"
+    assert cfg.model.weights.endswith("X-Amz-Credential=AKIA1")  # the config keeps the real URI
+
+
 def test_to_yaml_round_trips_through_load_job(tmp_path: Path) -> None:
     cfg = load_job(
         None,
