@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segbatch import sinks
+from segbatch import io, sinks
 from segbatch.components import count_components
 from segbatch.config import JobConfig
 from segbatch.loader import (
@@ -374,12 +374,13 @@ def result_rows(batch: Batch, model: str, class_cols: list[str]) -> list[dict[st
         ok = error is None
         row: dict[str, Any] = {
             "index": int(batch["index"][i]),
-            "path": str(batch["uri"][i]),
+            # Stored redacted: a URI's user:password@ or signature must not reach the results.
+            "path": io.redact(str(batch["uri"][i])),
             "width": int(batch["width"][i]) if batch["width"][i] >= 0 else None,
             "height": int(batch["height"][i]) if batch["height"][i] >= 0 else None,
             "status": "ok" if ok else "error",
-            "error": None if ok else str(error),
-            "mask_path": batch["mask_path"][i] if ok else None,
+            "error": None if ok else io.redact_text(str(error)),
+            "mask_path": io.redact(str(batch["mask_path"][i])) if ok else None,
             "model": model,
             "px_nodata": int(batch["px_nodata"][i]) if ok else None,
         }

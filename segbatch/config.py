@@ -17,7 +17,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from segbatch import io
 from segbatch.errors import ConfigError, UnknownKeyError, closest
+
+# The largest mask value: masks are uint16 above 256 classes.
+MAX_MASK_VALUE = 65535
 
 ResizeSpec = Union[str, int, tuple[int, int]]  # noqa: UP007 - read at run time by the parser
 
@@ -253,6 +257,45 @@ def _check(cfg: JobConfig) -> None:
     """Cross-field checks the types cannot express."""
     problems = []
     inf, til = cfg.inference, cfg.tiling
+    inp, out = cfg.input, cfg.output
+    if inp.max_image_pixels < 1:
+        problems.append("input.max_image_pixels must be at least 1 (Pillow's default: 89478485)")
+    if inp.slice_axis is not None and inp.slice_axis not in (0, 1, 2):
+        problems.append("input.slice_axis must be 0, 1 or 2 (a spatial axis), or null for 2")
+    if isinstance(inp.volume_index, int) and inp.volume_index < 0:
+        problems.append("input.volume_index must be 0 or more (the first volume is 0), or 'all'")
+    if out.mask_write_threads < 1:
+        problems.append("output.mask_write_threads must be at least 1")
+    if not 0 <= out.nodata_value <= MAX_MASK_VALUE:
+        problems.append(
+            f"output.nodata_value must be from 0 to {MAX_MASK_VALUE} (masks are uint8 or uint16)"
+        )
+    model = cfg.model
+    if model.num_classes is not None and model.num_classes < 1:
+        problems.append("model.num_classes must be at least 1")
+    if model.in_channels is not None and model.in_channels < 1:
+        problems.append("model.in_channels must be at least 1")
+    if model.unet.depth < 1:
+        problems.append("model.unet.depth must be at least 1")
+    if model.unet.base_channels < 1:
+        problems.append("model.unet.base_channels must be at least 1")
+    if inf.cpus_per_worker is not None and not inf.cpus_per_worker > 0:
+        problems.append("inference.cpus_per_worker must be above 0 (or unset: per device)")
+    if til.stream_above_px < 1:
+        problems.append("tiling.stream_above_px must be at least 1 (pixels)")
+    if til.segment_width_px < til.tile_size_px:
+        # Narrower segments give the same masks but compute every tile several times.
+        problems.append(
+            f"tiling.segment_width_px ({til.segment_width_px}) must be at least "
+            f"tiling.tile_size_px ({til.tile_size_px})"
+        )
+    if cfg.storage.retries < 0:
+        problems.append("storage.retries must be 0 or more (0: no retries)")
+    if cfg.stats.min_component_px < 1:
+        problems.append("stats.min_component_px must be at least 1 (pixels)")
+    lo, hi = cfg.preprocess.stretch_percentiles
+    if not 0 <= lo < hi <= 100:
+        problems.append("preprocess.stretch_percentiles [lo, hi] needs 0 <= lo < hi <= 100")
     if inf.batch_size is not None and inf.batch_size < 1:
         problems.append("inference.batch_size must be at least 1")
     if inf.threads_per_worker is not None and inf.threads_per_worker < 1:
@@ -268,7 +311,7 @@ def _check(cfg: JobConfig) -> None:
         problems.append("inference.workers [min, max] needs 1 <= min <= max")
     if any(not isinstance(v, int | float) or v <= 0 for v in inf.resources.values()):
         problems.append("inference.resources values must be numbers above 0, e.g. {worker_node: 1}")
-    if inf.gpus_per_worker <= 0:
+    if not inf.gpus_per_worker > 0:
         problems.append(
             "inference.gpus_per_worker must be above 0 (fractions such as 0.5 share a GPU)"
         )
@@ -294,13 +337,12 @@ def _check(cfg: JobConfig) -> None:
     pre = cfg.preprocess
     if pre.mean is not None and pre.std is not None and len(pre.mean) != len(pre.std):
         problems.append("preprocess.mean and preprocess.std need one value per channel each")
-    if pre.std is not None and any(s <= 0 for s in pre.std):
+    if pre.std is not None and any(not s > 0 for s in pre.std):
         problems.append("preprocess.std values must be above 0")
     if pre.bands is not None and any(b < 1 for b in pre.bands):
         problems.append("preprocess.bands are 1-based band numbers (the first band is 1)")
     if pre.pad_to_multiple is not None and pre.pad_to_multiple < 1:
         problems.append("preprocess.pad_to_multiple must be at least 1")
-    model = cfg.model
     if model.classes is not None and model.num_classes not in (None, len(model.classes)):
         problems.append(
             f"model.classes names {len(model.classes)} classes but model.num_classes is "
@@ -345,6 +387,47 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _JobFileLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping.
+
+    Plain YAML keeps the last value silently: ``batch_size: 4`` further down a long file would
+    undo an earlier ``batch_size: 32`` without a word.
+    """
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_unique_keys(node, "", set())
+        return node
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
+    """Raise ConfigError naming the dotted key and both lines of the first key set twice."""
+    if id(node) in seen_nodes:  # an alias met again (or a recursive anchor)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _check_unique_keys(child, prefix, seen_nodes)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        # '<<' merges another mapping in; keys written next to it override those on purpose.
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = prefix + str(key_node.value)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ConfigError(
+                f"key {key!r} is set twice (lines {lines[key]} and {line}); YAML would keep the "
+                "last one silently: delete the one you do not mean"
+            )
+        lines[key] = line
+        _check_unique_keys(value_node, key + ".", seen_nodes)
+
+
 def load_job(
     job_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -356,9 +439,11 @@ def load_job(
         if not path.is_file():
             raise ConfigError(f"job file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_JobFileLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"job file {str(path)!r} is not valid YAML: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"job file {str(path)!r}: {exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -383,8 +468,12 @@ def to_dict(cfg: Any) -> Any:
 
 
 def to_yaml(cfg: JobConfig, redact_storage: bool = True) -> str:
-    """The resolved config as YAML; storage options are redacted (they may hold credentials)."""
+    """The resolved config as YAML; storage options are redacted (they may hold credentials),
+    and so are the URIs (``user:password@`` and signed query strings dropped, see io.redact)."""
     data = to_dict(cfg)
     if redact_storage:
         data["storage"]["options"] = {k: "<redacted>" for k in data["storage"]["options"]}
+        data["input"]["paths"] = [io.redact(p) for p in data["input"]["paths"]]
+        data["output"]["path"] = io.redact(data["output"]["path"])
+        data["model"]["weights"] = io.redact(data["model"]["weights"])
     return yaml.safe_dump(data, sort_keys=False)

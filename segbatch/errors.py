@@ -34,6 +34,15 @@ class InputNotFoundError(SegbatchUsageError, FileNotFoundError):
     """An input URI does not exist, or matched no image."""
 
 
+class StorageAccessError(SegbatchUsageError, OSError):
+    """The storage behind a URI cannot be reached or refuses the job's credentials (an endpoint
+    that does not answer, no credentials, access denied), found on the driver before Ray starts.
+    """
+
+    def __str__(self) -> str:  # OSError would print its errno fields
+        return str(self.args[0])
+
+
 class OutputExistsError(SegbatchUsageError, FileExistsError):
     """The output root holds files and --overwrite was not given."""
 

@@ -15,7 +15,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import fsspec
@@ -25,6 +26,8 @@ from segbatch.errors import (
     MissingDependencyError,
     OutputNotWritableError,
     OutputPathError,
+    SegbatchError,
+    StorageAccessError,
     UnsafePathError,
 )
 
@@ -87,10 +90,99 @@ def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 
 
+# user:password@ after a scheme; the query of a URI (up to a '#member' of a shard, which stays).
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]*@")
+_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]*)\?[^\s#'\"()<>]*")
+
+
 def redact(uri: str) -> str:
-    """A URI safe to log: user:password@ and query strings (signed URLs) removed."""
-    uri = re.sub(r"(://)[^/]*@", r"\1", uri)
-    return uri.split("?", 1)[0]
+    """A URI safe to log and to store: ``user:password@`` and the query string removed.
+
+    ``https://alice:pw@host/a.tif?X-Amz-Signature=..`` -> ``https://host/a.tif``. The whole query
+    goes: signed URLs carry their credential there (``X-Amz-Signature``, ``sig``, ``token``).
+    A ``#member`` suffix (a shard member) is kept; local paths are returned unchanged ('?' and
+    '@' are ordinary characters of a file name).
+    """
+    return redact_text(uri)
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every URI in it redacted as by ``redact``."""
+    if "://" not in text:
+        return text
+    return _QUERY.sub(r"\1", _USERINFO.sub(r"\1", text))
+
+
+# Packages whose exceptions mean "the storage said no" (botocore's are not OSErrors).
+_STORAGE_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "aiohttp",
+    "gcsfs",
+    "google",
+    "adlfs",
+    "azure",
+)
+_CREDENTIAL_WORDS = ("Credentials", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """An error of the storage itself (unreachable, refused, no credentials), not of segbatch."""
+    if isinstance(exc, SegbatchError):
+        return False
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _STORAGE_MODULES
+
+
+def endpoint_of(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """The endpoint a URI's requests go to, redacted, as a user would name it."""
+    options = dict(storage_options or {})
+    proto = protocol_of(uri)
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+        "endpoint_url"
+    )
+    if not endpoint and proto in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return redact(str(endpoint)) if endpoint else f"the default {proto}:// endpoint"
+
+
+def storage_access_error(
+    exc: BaseException, action: str, uri: str, storage_options: Mapping[str, Any] | None = None
+) -> StorageAccessError:
+    """One line saying what could not be done where, why, and what to check.
+
+    ``action``: what was being done, e.g. 'list the inputs'.
+    """
+    lines = str(exc).strip().splitlines()
+    detail = type(exc).__name__ + (f": {lines[0]}" if lines else "")
+    detail = redact_text(detail)
+    if is_local(uri):
+        return StorageAccessError(f"cannot {action} at {uri}: {detail}")
+    text = f"{type(exc).__name__} {exc}"
+    if isinstance(exc, PermissionError) or any(w in text for w in _CREDENTIAL_WORDS):
+        hint = (
+            "check the credentials in storage.options (key and secret, or profile; anon: true "
+            "for a public bucket) or the standard variables of the store (AWS_* for s3)"
+        )
+    else:
+        hint = "check storage.options (endpoint_url) and that the endpoint is reachable from here"
+    return StorageAccessError(
+        f"cannot {action} at {redact(uri)} (endpoint {endpoint_of(uri, storage_options)}): "
+        f"{detail}; {hint}"
+    )
+
+
+@contextmanager
+def storage_errors(
+    action: str, uri: str, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[None]:
+    """Turn storage errors raised inside into a StorageAccessError (a usage error: exit 2)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        raise storage_access_error(exc, action, uri, storage_options) from exc
 
 
 def get_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:

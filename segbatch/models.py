@@ -21,6 +21,7 @@ import os
 import pickle
 import sys
 import urllib.parse
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segbatch import io
 from segbatch.config import ModelConfig, PreprocessConfig
 from segbatch.errors import (
     CheckpointNotFoundError,
@@ -622,14 +624,42 @@ def _unwrap_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _is_torch_file(handle: Any) -> bool:
+    """Whether an open file is in a format ``torch.save`` writes: a zip archive holding a
+    ``data.pkl`` (torch >= 1.6), or a legacy pickle (its first byte is the protocol opcode 0x80).
+    """
+    handle.seek(0)
+    head = handle.read(4)
+    if head[:1] == b"\x80":
+        return True
+    if head != b"PK\x03\x04":
+        return False
+    handle.seek(0)
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            return any(name.rsplit("/", 1)[-1] == "data.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
 def _torch_load_weights(handle: Any, uri: str) -> Any:
-    """``torch.load`` with ``weights_only=True``, its failures turned into WeightsError."""
+    """``torch.load`` with ``weights_only=True``, its failures turned into WeightsError.
+
+    ``handle``: a seekable binary file; ``uri``: the checkpoint's name in messages (redacted).
+    """
     try:
         return torch.load(handle, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch reports any file it cannot unpickle as "Weights only load failed", a text file
+        # as much as a checkpoint holding code: only the file's own format tells them apart.
+        if not _is_torch_file(handle):
+            raise WeightsError(
+                f"checkpoint {uri!r} is not a PyTorch checkpoint (a .pt/.pth file saved with "
+                "torch.save); pass one, a torchvision weights name, default or none"
+            ) from exc
         if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
             raise WeightsError(
                 f"checkpoint {uri!r} holds more than weights (pickled Python objects) and cannot "
@@ -638,7 +668,7 @@ def _torch_load_weights(handle: Any, uri: str) -> Any:
                 f" (detail: {detail})"
             ) from exc
         raise WeightsError(
-            f"checkpoint {uri!r} is not a PyTorch checkpoint (a torch.save file): {detail}"
+            f"checkpoint {uri!r} is not a readable PyTorch checkpoint (a torch.save file): {detail}"
         ) from exc
 
 
@@ -650,21 +680,24 @@ def load_checkpoint(
     Loaded on the CPU with ``weights_only=True`` (pickled code is refused). Accepts a bare
     state_dict or one nested under ``state_dict``, ``model_state_dict``, ``model`` or ``net``;
     strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes and drops
-    ``aux_classifier.`` keys.
+    ``aux_classifier.`` keys. Messages name the URI redacted (no user:password@, no query).
     """
+    shown = io.redact(uri)
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-            obj = _torch_load_weights(handle, uri)
+            obj = _torch_load_weights(handle, shown)
     except WeightsError:
         raise
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(
-            f"weights checkpoint {uri!r} does not exist; pass an existing file, "
+            f"weights checkpoint {shown!r} does not exist; pass an existing file, "
             "a torchvision weights name, default or none"
         ) from exc
     except (OSError, ValueError, ImportError) as exc:
-        raise WeightsError(f"cannot read weights checkpoint {uri!r}: {exc}") from exc
-    return _unwrap_state_dict(obj, uri)
+        raise WeightsError(
+            f"cannot read weights checkpoint {shown!r}: {io.redact_text(str(exc))}"
+        ) from exc
+    return _unwrap_state_dict(obj, shown)
 
 
 def _classifier_mismatch(
@@ -923,7 +956,7 @@ def build_model(
     kind = _weights_kind(info.name, info.weights)
     if kind == "checkpoint":
         state = load_checkpoint(info.weights, storage_options)
-        _load_state(net, state, info, f"in {info.weights!r}")
+        _load_state(net, state, info, f"in {io.redact(info.weights)!r}")
     elif kind in ("default", "enum") and info.name in TORCHVISION_MODELS:
         member = _weights_member(info.name, info.weights)
         state = _pretrained_state(info.name, member)

@@ -83,6 +83,9 @@ def plan_job(job: JobConfig, fetch_weights: bool = True) -> Plan:
             + ", ".join(info.classes)
         )
     items = list_inputs(job.input, job.storage.options, output_root=job.output.path)
+    # The output root's storage answers (endpoint, credentials) before Ray starts, not after.
+    with io.storage_errors("reach the output", job.output.path, job.storage.options):
+        io.exists(job.output.path, job.storage.options)
     _check_weights(job, info, fetch_weights)
     return Plan(job=job, info=info, items=items)
 
@@ -616,6 +619,7 @@ def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
     keys = list(RESUME_KEYS)
     if "weights_id" not in (before.get("model") or {}):
         keys[keys.index("model.weights_id")] = "model.weights"  # written by an older segbatch
+    now["model"]["weights"] = io.redact(now["model"]["weights"])  # job.yaml holds it redacted
     differ = []
     for key in keys:
         for leaf, value in _leaves(now, key).items():
@@ -636,7 +640,7 @@ def _check_resumable(job: JobConfig, info: ModelInfo) -> None:
 
 def error_message_of(exc: BaseException) -> str:
     """The useful line of a (possibly Ray-wrapped) exception: the innermost error's message."""
-    text = str(exc).strip().splitlines()
+    text = io.redact_text(str(exc)).strip().splitlines()
     for line in reversed(text):
         if "Error" in line and ":" in line:
             return line.strip()
@@ -671,7 +675,7 @@ def _summary(
     return {
         "images": {"total": n, "ok": totals.ok, "error": totals.error, "not_run": n - totals.done},
         "model": info.name,
-        "weights": info.weights,
+        "weights": io.redact(info.weights),
         "classes": list(info.classes),
         "pixels": {c: int(p) for c, p in zip(info.classes, totals.pixels, strict=True)},
         "fractions": {c: float(f) for c, f in zip(info.classes, fractions, strict=True)},

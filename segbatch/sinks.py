@@ -482,7 +482,8 @@ def read_done(
 
     One bit per input (a million done inputs cost 1 MB); only the ``index``, ``path`` and
     ``status`` columns are read. A row whose path differs from the input now at its index
-    means the input list changed: resuming would mix two jobs, so it is refused.
+    means the input list changed: resuming would mix two jobs, so it is refused. Paths are
+    compared redacted (``io.redact``), the form the results hold.
     """
     done = np.zeros(len(paths), dtype=bool)
     for uri in result_parts(out_root, storage_options):
@@ -494,7 +495,7 @@ def read_done(
             table.column("status").to_pylist(),
             strict=True,
         ):
-            if index >= len(paths) or paths[index] != path:
+            if index >= len(paths) or io.redact(paths[index]) != io.redact(path):
                 raise OutputExistsError(
                     f"--resume: {io.redact(uri)} has a row for input {index} ({path!r}) that is "
                     "not this job's input at that position; the input list changed since the "

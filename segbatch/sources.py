@@ -398,7 +398,8 @@ def list_inputs(
 
     Files under ``output_root`` (the job's output.path) are never inputs: a second run over a
     folder that holds its own output must not segment its masks. Raises InputNotFoundError
-    (exit code 2) when a URI does not exist or nothing is found.
+    (exit code 2) when a URI does not exist or nothing is found, and
+    StorageAccessError (exit code 2) when the storage cannot be reached or refuses the listing.
     """
     if not cfg.paths:
         raise InputNotFoundError(
@@ -410,7 +411,9 @@ def list_inputs(
     seen: set[str] = set()
     n_output = 0
     for uri in cfg.paths:
-        for item in _expand(_normalize(uri), cfg, options):
+        with io.storage_errors("list the inputs", uri, options):
+            expanded = _expand(_normalize(uri), cfg, options)
+        for item in expanded:
             identity = _identity(item.uri)
             if out is not None and _is_under(_shard_of(identity), out):
                 n_output += 1

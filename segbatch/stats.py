@@ -42,6 +42,40 @@ def pixel_counts(mask: np.ndarray, num_classes: int, nodata_value: int | None = 
     return counts[:num_classes].astype(np.int64)
 
 
+# What a file is named by inside an error message: a URI with a scheme, anything quoted, a path
+# (a token holding '/', '\\' or a shard's '#member'), a file name with a data file's extension,
+# hex addresses and numbers. Tokens end before brackets, commas and quotes; a trailing ':' or '.'
+# is punctuation of the message.
+_URI = r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"()\[\]{},;<>]*"
+_QUOTED = r"'[^']*'|\"[^\"]*\""
+_TOKEN = r"[^\s'\"()\[\]{},;<>]"
+_PATH = rf"{_TOKEN}*[/\\#]{_TOKEN}*"
+_FILE_EXTENSIONS = (
+    "png|jpe?g|tiff?|bmp|webp|gif|dcm|dicom|nii|gz|tar|parquet|txt|csv|json|ya?ml|pt|pth|zip"
+)
+_FILE_NAME = rf"{_TOKEN}*\.(?:{_FILE_EXTENSIONS})\b{_TOKEN}*"
+_NAMES = re.compile(rf"{_URI}|{_QUOTED}|{_PATH}|{_FILE_NAME}|\b0x[0-9a-fA-F]+\b|\d+", re.IGNORECASE)
+ERROR_KIND_CHARS = 160
+
+
+def error_kind(message: str) -> str:
+    """An error message with the names of files folded out, so messages group by their kind.
+
+    ``"file not found: bkt/in/a.png"`` and ``"file not found: s3://bkt/in/b.png"`` are both
+    ``"file not found: _"``; numbers fold too (``"image of _ x _ pixels"``).
+    """
+
+    def fold(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text[0] in "'\"":
+            return "_"
+        # A name at the end of a sentence keeps the sentence's punctuation.
+        stripped = text.rstrip(":.")
+        return "_" + text[len(stripped) :] if stripped else text
+
+    return _NAMES.sub(fold, message)[:ERROR_KIND_CHARS]
+
+
 @dataclass
 class Totals:
     """Job-wide counts, accumulated on the driver from result rows."""
@@ -63,8 +97,7 @@ class Totals:
 
     def add_error(self, message: str) -> None:
         self.error += 1
-        # Group messages by their kind, not by the file name inside them.
-        key = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", message)[:160]
+        key = error_kind(message)
         self.errors_by_message[key] = self.errors_by_message.get(key, 0) + 1
 
     @property

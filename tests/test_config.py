@@ -66,7 +66,7 @@ LEAF_VALUES: dict[str, tuple[Any, Any]] = {
     "tiling.blend": ("constant", "constant"),
     "tiling.batch_tiles": (2, 2),
     "tiling.stream_above_px": (1000, 1000),
-    "tiling.segment_width_px": (512, 512),
+    "tiling.segment_width_px": (2048, 2048),
     "storage.options": ({"anon": True}, {"anon": True}),
     "storage.retries": (0, 0),
     "stats.count_components": (["cat"], ("cat",)),
@@ -244,6 +244,145 @@ def test_type_and_range_errors(key: str, value: Any, message: str) -> None:
         load_job(None, {key: value})
 
 
+# Every numeric key with a range, one value outside it each: (key, bad value).
+OUT_OF_RANGE: list[tuple[str, Any]] = [
+    ("input.max_image_pixels", 0),
+    ("input.max_image_pixels", -5),
+    ("input.slice_axis", 3),
+    ("input.slice_axis", -1),
+    ("input.volume_index", -1),
+    ("output.overlays", -1),
+    ("output.rows_per_file", 0),
+    ("output.mask_write_threads", 0),
+    ("output.mask_write_threads", -2),
+    ("output.nodata_value", -1),
+    ("output.nodata_value", 65536),
+    ("model.num_classes", 0),
+    ("model.in_channels", 0),
+    ("model.unet.depth", 0),
+    ("model.unet.base_channels", 0),
+    ("preprocess.resize", 4),
+    ("preprocess.pad_to_multiple", 0),
+    ("preprocess.std", [0.5, float("nan")]),
+    ("preprocess.bands", [0]),
+    ("preprocess.stretch_percentiles", [50, 50]),
+    ("preprocess.stretch_percentiles", [98, 2]),
+    ("preprocess.stretch_percentiles", [-1, 98]),
+    ("preprocess.stretch_percentiles", [2, 101]),
+    ("inference.batch_size", 0),
+    ("inference.workers", 0),
+    ("inference.workers", [0, 2]),
+    ("inference.gpus_per_worker", 0),
+    ("inference.gpus_per_worker", float("nan")),
+    ("inference.cpus_per_worker", 0),
+    ("inference.cpus_per_worker", -1.5),
+    ("inference.threads_per_worker", 0),
+    ("inference.post_threads", -1),
+    ("inference.resources", {"worker_node": 0}),
+    ("tiling.tile_size_px", 8),
+    ("tiling.overlap", -0.1),
+    ("tiling.batch_tiles", 0),
+    ("tiling.stream_above_px", 0),
+    ("tiling.segment_width_px", 0),
+    ("tiling.segment_width_px", 1000),  # narrower than the default 1024 px tile
+    ("storage.retries", -1),
+    ("stats.min_component_px", 0),
+    ("stats.min_component_px", -3),
+    ("max_error_fraction", -0.5),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), OUT_OF_RANGE)
+def test_out_of_range_values_are_refused_naming_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_job(None, {key: value})
+    message = str(info.value)
+    assert message.startswith("invalid job configuration:")
+    problems = message.splitlines()[1:]
+    assert len(problems) == 1, message  # this value alone is wrong
+    assert key in problems[0]
+
+
+def test_out_of_range_cli_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from segbatch.cli import EXIT_USAGE, main
+
+    code = main(["validate", "--set", "input.max_image_pixels=0", "--set", "storage.retries=-1"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "input.max_image_pixels must be at least 1" in err
+    assert "storage.retries must be 0 or more" in err
+
+
+def test_every_range_problem_is_listed_at_once() -> None:
+    bad = {
+        "input.max_image_pixels": 0,
+        "storage.retries": -1,
+        "output.mask_write_threads": 0,
+        "stats.min_component_px": 0,
+    }
+    with pytest.raises(ConfigError) as info:
+        load_job(None, bad)
+    problems = str(info.value).splitlines()[1:]
+    assert sorted(p.split()[1] for p in problems) == sorted(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("input.slice_axis", 0),
+        ("input.volume_index", 0),
+        ("output.nodata_value", 65535),
+        ("preprocess.stretch_percentiles", [0, 100]),
+        ("inference.cpus_per_worker", 0.5),
+        ("tiling.segment_width_px", 1024),  # as wide as the tile
+        ("stats.min_component_px", 1),
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_accepted(key: str, value: Any) -> None:
+    cfg = load_job(None, {key: value})
+    got = _get(cfg, key)
+    assert got == (tuple(value) if isinstance(value, list) else value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("inference:\n  batch_size: 32\n  device: cpu\n  batch_size: 4\n", "inference.batch_size",
+         (2, 4)),
+        ("model:\n  name: unet\nmax_error_fraction: 0.1\nmodel:\n  weights: none\n", "model",
+         (1, 4)),
+        ("model:\n  unet: {depth: 2, depth: 3}\n", "model.unet.depth", (2, 2)),
+        ("input:\n  paths: [a.png]\n  paths:\n    - b.png\n", "input.paths", (2, 3)),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_in_a_job_file_are_refused(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_job(job)
+    message = str(info.value)
+    assert f"key {key!r} is set twice (lines {lines[0]} and {lines[1]})" in message
+    assert "job.yaml" in message
+
+
+def test_duplicate_key_cli_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from segbatch.cli import EXIT_USAGE, main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("output:\n  path: a\n  path: b\n")
+    assert main(["validate", str(job)]) == EXIT_USAGE
+    assert "'output.path' is set twice (lines 2 and 3)" in capsys.readouterr().err
+
+
+def test_merge_key_overridden_by_an_explicit_key_is_fine(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("inference:\n  <<: {batch_size: 4, device: cpu}\n  batch_size: 8\n")
+    cfg = load_job(job)
+    assert cfg.inference.batch_size == 8 and cfg.inference.device == "cpu"
+
+
 def test_cross_field_checks() -> None:
     with pytest.raises(ConfigError, match="one value per channel"):
         load_job(None, {"preprocess.mean": [0.5, 0.5], "preprocess.std": [0.5]})
@@ -333,6 +472,26 @@ def test_to_yaml_redacts_storage_options() -> None:
     assert yaml.safe_load(to_yaml(cfg, redact_storage=False))["storage"]["options"]["secret"] == (
         "hunter2"
     )
+
+
+def test_to_yaml_redacts_credentials_in_uris() -> None:
+    cfg = load_job(
+        None,
+        {
+            "input.paths": ["http://alice:Pa55w0rd@host/a.png", "/data/b@2x.png"],
+            "output.path": "webdav://bob:S3cr3t@dav.example/out",
+            "model.name": "unet",
+            "model.weights": "https://host/unet.pt?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA1",
+        },
+    )
+    text = to_yaml(cfg)
+    for secret in ("alice", "Pa55w0rd", "bob", "S3cr3t", "deadbeef", "AKIA1"):
+        assert secret not in text
+    data = yaml.safe_load(text)
+    assert data["input"]["paths"] == ["http://host/a.png", "/data/b@2x.png"]
+    assert data["output"]["path"] == "webdav://dav.example/out"
+    assert data["model"]["weights"] == "https://host/unet.pt"
+    assert cfg.model.weights.endswith("X-Amz-Credential=AKIA1")  # the config keeps the real URI
 
 
 def test_to_yaml_round_trips_through_load_job(tmp_path: Path) -> None:

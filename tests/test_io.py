@@ -158,6 +158,24 @@ def test_redact_password_with_at_sign() -> None:
 
 
 @pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("/data/what?.png", "/data/what?.png"),  # '?' is part of a local file's name
+        ("/data/me@home.png", "/data/me@home.png"),
+        ("http://u:p@h/s.tar?sig=1#img/a.png", "http://h/s.tar#img/a.png"),  # the member stays
+        ("s3://b/shard.tar#a.png", "s3://b/shard.tar#a.png"),
+    ],
+)
+def test_redact_keeps_local_names_and_shard_members(uri: str, expected: str) -> None:
+    assert io.redact(uri) == expected
+
+
+def test_redact_text_redacts_every_uri_in_a_message() -> None:
+    text = "file not found: http://alice:Pa55w0rd@h/a.png (from s3://k:s@b/x?token=t0k)"
+    assert io.redact_text(text) == "file not found: http://h/a.png (from s3://b/x)"
+
+
+@pytest.mark.parametrize(
     ("uri", "proto"),
     [
         ("s3://b/k", "s3"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import sys
 import urllib.error
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,45 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(WeightsError, match=r"junk.pt"):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("notes.txt", b"these are my notes, not weights\n"),
+        ("empty.pt", b""),
+        ("images.zip", None),  # a zip archive, but not one torch.save wrote
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / name
+    if data is None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("a.png", b"not really a png")
+    else:
+        path.write_bytes(data)
+    with pytest.raises(WeightsError) as info:
+        load_checkpoint(str(path))
+    message = str(info.value)
+    assert "not a PyTorch checkpoint (a .pt/.pth file saved with torch.save)" in message
+    assert name in message
+    assert "pickled Python objects" not in message
+
+
+def test_legacy_checkpoint_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save({"cfg": NotAWeight()}, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    with pytest.raises(WeightsError, match="pickled Python objects"):
+        load_checkpoint(str(path))
+
+
+def test_checkpoint_error_redacts_the_uri(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"plain text")
+    with pytest.raises(WeightsError) as info:
+        load_checkpoint(f"file://{path}?token=Pa55w0rd")
+    assert "Pa55w0rd" not in str(info.value)
 
 
 # ---------------------------------------------------------------- pretrained weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segbatch.stats import Totals, class_columns, column_name, pixel_counts
+from segbatch.stats import Totals, class_columns, column_name, error_kind, pixel_counts
 
 VOC = (
     "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -121,3 +121,63 @@ def test_totals_error_key_is_bounded() -> None:
     totals = Totals(num_classes=1)
     totals.add_error("x" * 1000)
     assert all(len(k) <= 160 for k in totals.errors_by_message)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        # missing objects on S3, named the way s3fs names them (no scheme) and with one
+        ["file not found: bkt/in/missing.png", "file not found: bkt/in/sub/other.jpg"],
+        ["file not found: s3://bkt/in/a.png", "file not found: gs://b/deep/er/b.tif"],
+        ["file not found: /data/in/a.png", "file not found: /data/b.png"],
+        ["file not found: missing.png", "file not found: other-2.JPEG"],
+        ["file not found: C:\\data\\a.png", "file not found: D:\\x\\b.png"],
+        ["cannot decode 'a b.png': truncated", 'cannot decode "c/d.png": truncated'],
+        ["member img/a.png of /d/shard-0.tar#img/a.png: missing",
+         "member b.png of s.tar#b.png: missing"],
+        ["https://h:8080/a.png?X-Amz-Signature=1: 403 Forbidden",
+         "http://host/b.png: 403 Forbidden"],
+        ["decode failed: cannot identify image file <_io.BytesIO object at 0x7f3a2b9c>",
+         "decode failed: cannot identify image file <_io.BytesIO object at 0x7f00aa10>"],
+    ],
+)  # fmt: skip
+def test_error_kind_folds_every_name_out(messages: list[str]) -> None:
+    kinds = {error_kind(m) for m in messages}
+    assert len(kinds) == 1, kinds
+    (kind,) = kinds
+    assert ".png" not in kind.lower() and ".tif" not in kind and "bkt" not in kind
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("file not found: bkt/in/missing.png", "file not found: _"),
+        ("file not found: s3://bkt/in/missing.png", "file not found: _"),
+        ("file not found: missing.png. Check the path", "file not found: _. Check the path"),
+        ("member b.png of s.tar#b.png: missing", "member _ of _: missing"),
+        ("permission denied: /d/a.png", "permission denied: _"),
+    ],
+)
+def test_error_kind_keeps_the_words(message: str, kind: str) -> None:
+    assert error_kind(message) == kind
+
+
+def test_error_kinds_stay_apart() -> None:
+    kinds = {
+        error_kind(m)
+        for m in (
+            "file not found: bkt/in/a.png",
+            "permission denied: bkt/in/a.png",
+            "unsupported file type (.xyz); supported: png, jpg",
+            "inference failed: RuntimeError: out of memory",
+        )
+    }
+    assert len(kinds) == 4
+
+
+def test_totals_one_kind_for_many_missing_s3_objects() -> None:
+    totals = Totals(num_classes=2)
+    for i in range(50):
+        totals.add_error(f"file not found: bkt/in/missing-{i}.png")
+        totals.add_error(f"file not found: s3://bkt/in/part{i}/img_{i}.tif")
+    assert totals.errors_by_message == {"file not found: _": 100}
