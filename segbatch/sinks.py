@@ -378,6 +378,9 @@ class ResultsWriter:
         self.expected = {int(p): int(c) for p, c in zip(parts, counts, strict=True)}
         self.pending: dict[int, dict[int, Mapping[str, Any]]] = {}
         self.written: list[str] = []
+        # Parts whose file is complete: a row for one of them arriving again (a retried task)
+        # is already in that file, and must not start the part anew with that row alone.
+        self.complete: set[int] = set()
         self.flush_every_s = flush_every_s
         self.flush_every_rows = flush_every_rows
         self.clock = clock
@@ -392,6 +395,8 @@ class ResultsWriter:
     def add(self, row: Mapping[str, Any]) -> None:
         index = int(row["index"])
         part = index // self.rows_per_file
+        if part in self.complete:
+            return
         rows = self.pending.setdefault(part, {})
         rows[index] = row
         self.unflushed.add(part)
@@ -399,6 +404,7 @@ class ResultsWriter:
         if len(rows) >= self.expected.get(part, self.rows_per_file):
             self._write(part)
             self.written.append(self.part_uri(part))
+            self.complete.add(part)
             del self.pending[part]
             self.unflushed.discard(part)
         if self.unflushed and (

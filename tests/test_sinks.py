@@ -217,6 +217,19 @@ def test_results_writer_keeps_a_repeated_row_once(tmp_path: Path) -> None:
     assert _read_part(tmp_path / "results" / "part-00000.parquet")["index"] == [0, 1, 2]
 
 
+def test_results_writer_ignores_a_row_of_a_complete_part(tmp_path: Path) -> None:
+    """A retried task delivering a row again after its part was written must not start the part
+    anew: close() would then overwrite the complete file with that one row."""
+    writer = ResultsWriter(str(tmp_path), results_schema(["a"]), total=6, rows_per_file=3)
+    for i in range(3):
+        writer.add(_row(i))
+    writer.add(_row(1))  # part 0 is complete; its row 1 arrives again
+    writer.add(_row(3))
+    writer.close()
+    assert _read_part(tmp_path / "results" / "part-00000.parquet")["index"] == [0, 1, 2]
+    assert _read_part(tmp_path / "results" / "part-00001.parquet")["index"] == [3]
+
+
 def test_results_writer_memory(memfs: Any) -> None:
     writer = ResultsWriter("memory://out", results_schema(["a"]), total=2, rows_per_file=5)
     writer.add(_row(1))
