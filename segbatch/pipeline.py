@@ -367,7 +367,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     out = job.output.path
     options = job.storage.options
     job = _with_weights_id(job, info)
-    sinks.prepare_output(out, job.output.overwrite, job.output.resume, options)
+    clear_output = sinks.check_output(out, job.output.overwrite, job.output.resume, options)
 
     todo = None
     if job.output.resume:
@@ -383,6 +383,8 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
     _init_ray(job)
     resources = ray.cluster_resources()
     _check_gpus(job, resources)
+    if clear_output:  # only once the job can run: a refused job loses no earlier output
+        sinks.remove_own_outputs(out, options)
     inference = resolve_inference(
         job.inference, resources.get("CPU", 1), resources.get("GPU", 0), parameter_count(info)
     )

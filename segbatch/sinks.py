@@ -210,11 +210,22 @@ def write_overlay(
 def prepare_output(
     out_root: str, overwrite: bool, resume: bool, storage_options: Mapping[str, Any] | None = None
 ) -> None:
-    """Check the output root before Ray starts, and clear or tidy it as asked.
+    """Check the output root, and clear or tidy it as asked (:func:`check_output`, then
+    :func:`remove_own_outputs` where --overwrite has something to delete)."""
+    if check_output(out_root, overwrite, resume, storage_options):
+        remove_own_outputs(out_root, storage_options)
+
+
+def check_output(
+    out_root: str, overwrite: bool, resume: bool, storage_options: Mapping[str, Any] | None = None
+) -> bool:
+    """Check the output root before Ray starts; True when --overwrite has outputs to delete.
 
     A missing or empty root is fine. A root counts as a segbatch output only when it holds
     ``OUT/job.yaml``: --resume and --overwrite need one, and --overwrite then deletes only the
-    files segbatch wrote (see :func:`remove_own_outputs`), never other files.
+    files segbatch wrote (see :func:`remove_own_outputs`), never other files. Nothing is deleted
+    here but a killed run's temp files on --resume, so a job refused later (no GPU, say) has
+    lost nothing.
     """
     fs, path = io.get_fs(out_root, storage_options)
     exists = bool(fs.exists(path))
@@ -230,9 +241,9 @@ def prepare_output(
                 "--resume (into an empty or new --output)"
             )
         remove_stale_temps(out_root, storage_options)
-        return
+        return False
     if not exists or not fs.ls(path, detail=False):
-        return
+        return False
     if not overwrite:
         raise OutputExistsError(
             f"output {io.redact(out_root)} is not empty; pass --overwrite to replace segbatch's "
@@ -244,7 +255,7 @@ def prepare_output(
             "segbatch output and nothing there is segbatch's to delete; choose an empty or new "
             "--output, or remove those files yourself"
         )
-    remove_own_outputs(out_root, storage_options)
+    return True
 
 
 def remove_stale_temps(out_root: str, storage_options: Mapping[str, Any] | None = None) -> int:
@@ -299,6 +310,7 @@ def remove_own_outputs(out_root: str, storage_options: Mapping[str, Any] | None 
     except (yaml.YAMLError, AttributeError):
         first_root = None
     roots = [out_root, *([first_root] if isinstance(first_root, str) else [])]
+    roots += [io.redact(r) for r in roots]  # rows hold URIs without credentials
     masks_root = io.join(path, MASKS_DIR)
     for uri in result_parts(out_root, storage_options):
         if not PART_RE.match(posixpath.basename(uri)):

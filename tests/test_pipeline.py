@@ -311,13 +311,18 @@ def test_cuda_without_a_gpu_exits_2_within_seconds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ray would wait forever for a GPU actor it cannot place; a local Ray without GPUs is
-    refused once Ray is up, before anything is written."""
+    refused once Ray is up, before anything is written or deleted (--overwrite of an earlier
+    run deletes nothing when the job is refused)."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this Ray has a GPU")
     from segbatch.cli import main
 
+    earlier = tmp_path / "out"
+    earlier.mkdir()
+    (earlier / "job.yaml").write_text("model: {name: unet}\n")
+    (earlier / "summary.json").write_text("{}")
     started = time.perf_counter()
     code = main(
         [
@@ -330,6 +335,7 @@ def test_cuda_without_a_gpu_exits_2_within_seconds(
             "none",
             "--device",
             "cuda",
+            "--overwrite",
         ]
     )
     assert code == 2
@@ -338,6 +344,7 @@ def test_cuda_without_a_gpu_exits_2_within_seconds(
     assert "--device cpu" in err
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "out" / "results").exists()
+    assert sorted(p.name for p in earlier.iterdir()) == ["job.yaml", "summary.json"]
 
 
 def test_cuda_on_an_attached_cluster_without_gpus_warns_and_waits(
