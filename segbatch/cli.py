@@ -145,6 +145,17 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["segbatch", *kept])
 
 
+def _after_interrupt(job: JobConfig, argv: list[str]) -> str:
+    """What to run next after Ctrl-C: --resume once the run has written its job.yaml (before
+    that, nothing of it is in OUT). Credentials in URIs are left out, as everywhere."""
+    from segbatch import io, sinks
+
+    started = io.exists(io.join(job.output.path, sinks.JOB_FILE), job.storage.options)
+    if not started:
+        return "segbatch: interrupted before the run began; nothing was written"
+    return f"segbatch: to continue, run: {io.redact_text(resume_command(argv))}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("segbatch").setLevel(logging.INFO)
@@ -177,8 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:  # before the first result or after the last
                 code = EXIT_INTERRUPTED
         if code == EXIT_INTERRUPTED:
-            argv_used = list(sys.argv[1:] if argv is None else argv)
-            print(f"segbatch: to continue, run: {resume_command(argv_used)}", file=sys.stderr)
+            print(
+                _after_interrupt(job, list(sys.argv[1:] if argv is None else argv)), file=sys.stderr
+            )
         return code
     except SegbatchUsageError as exc:
         print(f"segbatch: error: {exc}", file=sys.stderr)

@@ -171,3 +171,17 @@ def test_resume_command_repeats_the_run_with_resume() -> None:
         "segbatch run job.yaml --output '/data/out dir' --set a.b=1 --resume"
     )
     assert resume_command(["run", "--resume", "j.yaml"]) == "segbatch run --resume j.yaml"
+
+
+def test_after_interrupt_hint_needs_a_started_run_and_hides_credentials(tmp_path: Path) -> None:
+    from segbatch.cli import _after_interrupt
+
+    out = tmp_path / "out"
+    job = load_job(None, {"output.path": str(out)})
+    argv = ["run", "--input", "https://alice:Pa55w0rd@host/a.png?sig=1", "--output", str(out)]
+    assert "nothing was written" in _after_interrupt(job, argv)
+    out.mkdir()
+    (out / "job.yaml").write_text("{}")
+    hint = _after_interrupt(job, argv)
+    assert hint.endswith("--resume") and "https://host/a.png" in hint
+    assert "Pa55w0rd" not in hint and "alice" not in hint and "sig=" not in hint
