@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from segbatch import io, sinks
+from segbatch.attempts import stopped_worker_message
 from segbatch.components import count_components
 from segbatch.config import JobConfig
 from segbatch.loader import (
@@ -59,47 +60,11 @@ def _storage_note(exc: BaseException) -> str:
     return f"{sinks.STORAGE_FULL}: " if sinks.is_storage_full(exc) else ""
 
 
-class AttemptLedger:
-    """Per input index, the attempts at segmenting it that started and never finished.
-
-    An attempt that never finished stopped its worker (killed for memory, a crash in native
-    code): Ray restarts the actor and runs the batch again, without end. The pipeline runs one
-    ledger as a Ray actor on the driver's node; every SegmentActor marks the rows it starts and
-    finishes, so the count survives the actors. Each entry is ``[unfinished, alone]``: all
-    attempts, and those in which the input ran by itself (the ones that prove it is the culprit).
-    """
-
-    def __init__(self) -> None:
-        self._unfinished: dict[int, list[int]] = {}
-
-    def unfinished(self, indices: list[int]) -> list[tuple[int, int]]:
-        """``(attempts, attempts alone)`` started and not finished, per index."""
-        return [tuple(self._unfinished.get(i, (0, 0))) for i in indices]  # type: ignore[misc]
-
-    def start(self, indices: list[int]) -> None:
-        alone = int(len(indices) == 1)
-        for i in indices:
-            counts = self._unfinished.setdefault(i, [0, 0])
-            counts[0] += 1
-            counts[1] += alone
-
-    def finish(self, indices: list[int]) -> None:
-        for i in indices:
-            self._unfinished.pop(i, None)
-
-
-def stopped_worker_message(attempts: int) -> str:
-    return (
-        f"this input stopped its worker {attempts} times (out of memory?) and is not tried "
-        "again; make it smaller for the model (preprocess.resize, tiling), give the workers more "
-        "memory, or raise inference.max_input_attempts"
-    )
-
-
 class SegmentActor:
     """Predictor plus mask sink. ``__call__`` maps a decoded batch to result rows.
 
-    ``ledger``: a Ray handle to an :class:`AttemptLedger` (None: no bookkeeping). Rows with an
+    ``ledger``: a Ray handle to an :class:`~segbatch.attempts.AttemptLedger` and this run's key
+    in it (None: no bookkeeping). Rows with an
     unfinished earlier attempt run one at a time, so that only the input that stops the worker
     gathers attempts; at ``inference.max_input_attempts`` it becomes an error row unrun.
     """
@@ -110,7 +75,7 @@ class SegmentActor:
         info: ModelInfo,
         batch_size: int,
         code: dict[str, bytes] | None = None,
-        ledger: Any = None,
+        ledger: tuple[Any, str] | None = None,
     ) -> None:
         if code is not None and info.code_path is not None:
             info = dataclasses.replace(info, code_path=unpack_code(code, info.code_path))
@@ -134,7 +99,8 @@ class SegmentActor:
         import ray
 
         try:
-            return ray.get(getattr(self.ledger, method).remote(indices))
+            handle, run = self.ledger
+            return ray.get(getattr(handle, method).remote(run, indices))
         except Exception as exc:
             log.warning("the attempt ledger failed (%s); inputs are no longer counted", exc)
             self.ledger = None

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from segbatch import __version__, io, sinks
-from segbatch.actor import AttemptLedger, SegmentActor, result_rows
+from segbatch.actor import SegmentActor, result_rows
+from segbatch.attempts import AttemptLedger
 from segbatch.config import InferenceConfig, JobConfig, to_yaml
 from segbatch.errors import OutputWriteError
 from segbatch.loader import decode_batch, read_batch
@@ -237,9 +238,16 @@ def _schema_flags(items: list[InputItem]) -> dict[str, bool]:
 
 
 def _dataset(
-    job: JobConfig, info: ModelInfo, inference: InferenceConfig, rows_in: list[dict[str, Any]]
+    job: JobConfig,
+    info: ModelInfo,
+    inference: InferenceConfig,
+    rows_in: list[dict[str, Any]],
+    ledger: tuple[Any, str] | None = None,
 ) -> Any:
-    """The Ray Data plan: read -> decode (CPU tasks) -> SegmentActor pool -> result rows."""
+    """The Ray Data plan: read -> decode (CPU tasks) -> SegmentActor pool -> result rows.
+
+    ``ledger``: the attempt ledger's handle and this run's key (see ``_attempt_ledger``).
+    """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -301,7 +309,7 @@ def _dataset(
             "info": ship_info,
             "batch_size": inference.batch_size,
             "code": code,
-            "ledger": _attempt_ledger(),
+            "ledger": ledger,
         },
         compute=ActorPoolStrategy(min_size=min_w, max_size=max_w),
         # Rows per actor call; the model sees groups of inference.batch_size. A few rows a call
@@ -316,14 +324,28 @@ def _dataset(
     return ds
 
 
-def _attempt_ledger() -> Any:
-    """A new AttemptLedger actor on the driver's node (where the job's fate lies anyway), taking
-    no CPU slot from the workers. It lives while the dataset holds its handle."""
+def _attempt_ledger() -> tuple[Any, str]:
+    """The attempt ledger of this driver (one Ray actor, started by its first job and serving
+    every later one, on the driver's node, taking no CPU slot from the workers) and a new key
+    for this run's entries in it."""
+    import uuid
+
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(AttemptLedger).options(num_cpus=0, scheduling_strategy=here).remote()
+    context = ray.get_runtime_context()
+    here = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True)
+    handle = (
+        ray.remote(AttemptLedger)
+        .options(
+            name=f"segbatch-attempts-{context.get_job_id()}",
+            get_if_exists=True,
+            num_cpus=0,
+            scheduling_strategy=here,
+        )
+        .remote()
+    )
+    return handle, uuid.uuid4().hex
 
 
 def _check_gpus(job: JobConfig, resources: Mapping[str, float]) -> None:
@@ -406,7 +428,8 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         if todo is None or todo[i]
     ]
     n_todo = len(rows_in)
-    ds = _dataset(job, info, inference, rows_in)
+    ledger = _attempt_ledger()
+    ds = _dataset(job, info, inference, rows_in, ledger)
 
     flags = _schema_flags(items)
     schema = sinks.results_schema(
@@ -478,6 +501,7 @@ def run_job(job: JobConfig, plan: Plan | None = None) -> int:
         # retries left): keep every row already done, say what failed, exit 1.
         failure = error_message_of(exc)
         stopped_early = f"the job failed: {failure}"
+    ledger[0].forget.remote(ledger[1])
     try:
         writer.close()
     except OutputWriteError as exc:
