@@ -174,6 +174,7 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
         run_job(job)
 
 
+@pytest.mark.slow  # 60 s; the local kill test covers the same resume logic in the default run
 @pytest.mark.s3
 @pytest.mark.usefixtures("ray_session")
 def test_kill_driver_on_s3_then_resume_is_exactly_once(
@@ -485,6 +486,7 @@ def test_one_ctrl_c_writes_the_rows_done_and_resume_completes(
     assert summary["this_run"] == {"inputs_run": 40 - done_before, "inputs_skipped": done_before}
 
 
+@pytest.mark.slow  # 40 s; test_sinks' flush and resume-from-a-flushed-part tests run by default
 @pytest.mark.usefixtures("ray_session")
 def test_kill_after_a_flush_of_a_filling_part_then_resume(
     tmp_path: Path, unet_checkpoint: str

@@ -163,6 +163,7 @@ def test_whole_job_on_s3_with_storage_options(
     assert SECRET_KEY not in caplog.text
 
 
+@pytest.mark.slow  # 45 s; test_whole_job_on_s3_with_storage_options covers the job on S3 by default
 def test_cli_on_s3_with_standard_aws_variables(
     s3: S3Server, local_reference: Path, tmp_path: Path
 ) -> None:
