@@ -789,17 +789,20 @@ def weights_id(info: ModelInfo, storage_options: Mapping[str, Any] | None = None
         member = _weights_member(info.name, info.weights)
         return f"{type(member).__name__}.{member.name}"
     digest = hashlib.sha256()
+    shown = io.redact(info.weights)
     try:
         with fsspec.open(info.weights, "rb", **dict(storage_options or {})) as handle:
             while chunk := handle.read(_HASH_CHUNK_BYTES):
                 digest.update(chunk)
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(
-            f"weights checkpoint {info.weights!r} does not exist; pass an existing file, "
+            f"weights checkpoint {shown!r} does not exist; pass an existing file, "
             "a torchvision weights name, default or none"
         ) from exc
     except OSError as exc:
-        raise WeightsError(f"cannot read weights checkpoint {info.weights!r}: {exc}") from exc
+        raise WeightsError(
+            f"cannot read weights checkpoint {shown!r}: {io.redact_text(str(exc))}"
+        ) from exc
     return f"sha256:{digest.hexdigest()}"
 
 

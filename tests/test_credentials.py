@@ -188,3 +188,16 @@ def test_resume_accepts_the_first_run_with_redacted_weights(tmp_path: Path) -> N
     other = load_job(None, {**secret, "model.weights": "https://host/other.pt"})
     with pytest.raises(ConfigError, match=r"model\.weights"):
         _check_resumable(other, plan.info)
+
+
+def test_weights_id_of_a_missing_checkpoint_hides_the_credentials(tmp_path: Path) -> None:
+    from segbatch.errors import CheckpointNotFoundError
+    from segbatch.models import resolve_model, weights_id
+
+    uri = f"memory://{USER}:{PASSWORD}@bucket{tmp_path}/missing.pt"
+    job = load_job(None, {"model.name": "unet", "model.num_classes": 2, "model.weights": uri})
+    info = resolve_model(job.model, job.preprocess)
+    with pytest.raises(CheckpointNotFoundError) as caught:
+        weights_id(info)
+    assert PASSWORD not in str(caught.value) and USER not in str(caught.value)
+    assert "missing.pt" in str(caught.value)
