@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segbatch",
         description="Semantic segmentation of large image collections on Ray Data.",
     )
+    from segbatch import __version__
+
+    parser.add_argument("--version", action="version", version=f"segbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a segmentation job")
     _add_job_flags(run)

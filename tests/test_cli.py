@@ -185,3 +185,12 @@ def test_after_interrupt_hint_needs_a_started_run_and_hides_credentials(tmp_path
     hint = _after_interrupt(job, argv)
     assert hint.endswith("--resume") and "https://host/a.png" in hint
     assert "Pa55w0rd" not in hint and "alice" not in hint and "sig=" not in hint
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from segbatch import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"segbatch {__version__}"
