@@ -14,6 +14,7 @@ code is never run: checkpoints are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -22,7 +23,7 @@ import pickle
 import sys
 import urllib.parse
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -683,9 +684,19 @@ def load_checkpoint(
     ``aux_classifier.`` keys. Messages name the URI redacted (no user:password@, no query).
     """
     shown = io.redact(uri)
+    with _open_checkpoint(uri, storage_options) as handle:
+        obj = _torch_load_weights(handle, shown)
+    return _unwrap_state_dict(obj, shown)
+
+
+@contextlib.contextmanager
+def _open_checkpoint(uri: str, storage_options: Mapping[str, Any] | None) -> Iterator[Any]:
+    """The checkpoint opened for reading (binary); a missing or unreadable one becomes a
+    WeightsError naming the URI redacted (no user:password@, no query)."""
+    shown = io.redact(uri)
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-            obj = _torch_load_weights(handle, shown)
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as handle:
+            yield handle
     except WeightsError:
         raise
     except FileNotFoundError as exc:
@@ -697,7 +708,6 @@ def load_checkpoint(
         raise WeightsError(
             f"cannot read weights checkpoint {shown!r}: {io.redact_text(str(exc))}"
         ) from exc
-    return _unwrap_state_dict(obj, shown)
 
 
 def _classifier_mismatch(
@@ -789,20 +799,9 @@ def weights_id(info: ModelInfo, storage_options: Mapping[str, Any] | None = None
         member = _weights_member(info.name, info.weights)
         return f"{type(member).__name__}.{member.name}"
     digest = hashlib.sha256()
-    shown = io.redact(info.weights)
-    try:
-        with fsspec.open(info.weights, "rb", **dict(storage_options or {})) as handle:
-            while chunk := handle.read(_HASH_CHUNK_BYTES):
-                digest.update(chunk)
-    except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(
-            f"weights checkpoint {shown!r} does not exist; pass an existing file, "
-            "a torchvision weights name, default or none"
-        ) from exc
-    except OSError as exc:
-        raise WeightsError(
-            f"cannot read weights checkpoint {shown!r}: {io.redact_text(str(exc))}"
-        ) from exc
+    with _open_checkpoint(info.weights, storage_options) as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
     return f"sha256:{digest.hexdigest()}"
 
 
